@@ -1,0 +1,177 @@
+"""The models, the model table, and the checkpoint: the one place a .pth file is written or read.
+
+Models return raw logits; the loss belongs to the training script. Each model works out its own flatten size
+from a dummy input, so changing a layer never means recomputing a magic number by hand.
+"""
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+CHECKPOINT_FORMAT = "mnist-cnn/1"
+CLASSES = [str(d) for d in range(10)]
+
+
+def _flat_size(features, in_shape=(1, 1, 28, 28)):
+    with torch.no_grad():
+        return features(torch.zeros(in_shape)).flatten(1).shape[1]
+
+
+class SimpleCNN(nn.Module):
+    """Two conv blocks (conv3x3 -> ReLU -> maxpool) and a dense layer with dropout: about 1.2M parameters.
+
+    Padding keeps 28x28 through the first conv, so the second conv runs at 14x14: about half the
+    multiply-adds of the pytorch/examples net (whose second conv runs at 24x24) for the same size,
+    which is what makes one epoch on a 2-core CPU fit in seconds rather than minutes.
+    """
+
+    def __init__(self, channels=(32, 64), hidden=384, dropout=0.1, num_classes=10):
+        super().__init__()
+        c1, c2 = channels
+        self.features = nn.Sequential(
+            nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Dropout(dropout),
+            nn.Linear(_flat_size(self.features), hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def _conv_bn(c_in, c_out):
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+
+class ImprovedCNN(nn.Module):
+    """Three conv blocks (two conv-BN-ReLU each, then maxpool and dropout) and two dense layers with dropout.
+
+    About 2.5M parameters; batch norm lets it train at higher learning rates and reach 99.5%+.
+    """
+
+    def __init__(self, channels=(32, 64, 128), hidden=(1536, 256), dropout=(0.1, 0.4), num_classes=10):
+        super().__init__()
+        layers, c_in = [], 1
+        for c in channels:
+            layers += _conv_bn(c_in, c) + _conv_bn(c, c) + [nn.MaxPool2d(2), nn.Dropout2d(dropout[0])]
+            c_in = c
+        self.features = nn.Sequential(*layers)
+        h1, h2 = hidden
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(_flat_size(self.features), h1, bias=False), nn.BatchNorm1d(h1), nn.ReLU(inplace=True),
+            nn.Dropout(dropout[1]),
+            nn.Linear(h1, h2, bias=False), nn.BatchNorm1d(h2), nn.ReLU(inplace=True), nn.Dropout(dropout[1]),
+            nn.Linear(h2, num_classes),
+        )
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+MODELS = {"simple": SimpleCNN, "improved": ImprovedCNN}
+
+
+def build_model(name, **model_args):
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
+    return MODELS[name](**model_args)
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+class CheckpointError(Exception):
+    """A file that is not a checkpoint of ours, or is damaged, phrased for a person."""
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then os.replace: a crash never leaves half a checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _plain(value):
+    """Numbers, strings, lists and dicts only, so the file loads with weights_only=True."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and not isinstance(value, torch.Tensor):  # numpy scalars
+        return value.item()
+    return value
+
+
+def unwrap(model):
+    """The plain model under torch.compile or DistributedDataParallel wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+def make_checkpoint(model, model_name, model_args=None, **info):
+    """The checkpoint dict of ../DESIGN.md: everything needed to rebuild and use the model without flags."""
+    from data_loader import MNIST_MEAN, MNIST_STD
+    plain = unwrap(model)
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model": model_name,
+        "model_args": _plain(model_args or {}),
+        "state_dict": {k: v.detach().cpu() for k, v in plain.state_dict().items()},
+        "normalization": {"mean": MNIST_MEAN, "std": MNIST_STD},
+        "classes": list(CLASSES),
+        "torch_version": torch.__version__.split("+")[0],
+        **_plain(info),
+    }
+
+
+def save_checkpoint(path, model, model_name, model_args=None, **info):
+    """Write a model checkpoint atomically; info (epoch, val_accuracy, args, ...) is stored alongside."""
+    atomic_save(make_checkpoint(model, model_name, model_args, **info), path)
+
+
+def read_checkpoint(path):
+    """Load a checkpoint dict safely (weights only: a file from a stranger can never run code) and check it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle errors, truncation, unsafe globals: all mean "not a file we can use"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            reason = "it contains pickled code or objects that weights-only loading refuses"
+        else:
+            reason = f"it is not a readable PyTorch checkpoint ({first[:120]})"
+        raise CheckpointError(f"{path}: refused, {reason}") from err
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a checkpoint of this project (expected format {CHECKPOINT_FORMAT!r}); "
+                              f"train one with `python train_pytorch.py`")
+    if ckpt.get("model") not in MODELS:
+        raise CheckpointError(f"{path}: unknown model {ckpt.get('model')!r} (known: {', '.join(MODELS)})")
+    return ckpt
+
+
+def load_checkpoint(path, device="cpu", expected_model=None):
+    """Rebuild the model of a checkpoint in eval mode on `device`: returns (model, checkpoint dict)."""
+    ckpt = read_checkpoint(path)
+    if expected_model is not None and expected_model != ckpt["model"]:
+        raise CheckpointError(f"{path}: holds a {ckpt['model']!r} model, not {expected_model!r}; drop "
+                              f"--model_type or pass the matching one")
+    model = build_model(ckpt["model"], **ckpt.get("model_args", {}))
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: weights do not fit the {ckpt['model']!r} model ({str(err)[:120]})") from err
+    return model.to(device).eval(), ckpt

@@ -1,0 +1,221 @@
+"""The data: MNIST on disk, train/val/test tensors on the device, batches with augmentation.
+
+MNIST ships with the project in data/MNIST/raw/ as four .gz files. On first use they are unpacked next to
+themselves, checked against the canonical md5 sums, and read through torchvision.datasets.MNIST. Each split
+then lives on the training device as one uint8 tensor; batches are drawn from a shuffled index and are
+normalised and augmented there, batched, so the training loop never waits on per-sample Python work.
+"""
+import gzip
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+PROJECT_DIR = Path(__file__).resolve().parent
+DEFAULT_DATA_DIR = PROJECT_DIR / "data"
+
+# The one place the normalisation constants live (mean and std of the MNIST training pixels in [0, 1]).
+MNIST_MEAN = 0.1307
+MNIST_STD = 0.3081
+
+# md5 of the uncompressed IDX files: the same sums torchvision pins for the canonical files.
+RAW_MD5 = {
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
+TRAIN_SIZE, TEST_SIZE = 60_000, 10_000
+
+
+class DataError(Exception):
+    """A problem with the dataset on disk, phrased for the person who has to fix it."""
+
+
+def _md5(path):
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_sha256sums(raw_dir):
+    sums_file = raw_dir / "SHA256SUMS"
+    if not sums_file.is_file():
+        return {}
+    sums = {}
+    for line in sums_file.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            sums[parts[1].lstrip("*")] = parts[0]
+    return sums
+
+
+def _unpack(gz_path, raw_path):
+    """Unpack to a temporary name first so that an interrupted unpack never leaves half a file."""
+    tmp = raw_path.with_name(raw_path.name + ".tmp")
+    try:
+        with gzip.open(gz_path, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        os.replace(tmp, raw_path)
+    except (OSError, EOFError, gzip.BadGzipFile) as err:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"{gz_path} is damaged ({err}); restore it with `git checkout -- {gz_path.name}` "
+                        f"in {gz_path.parent}") from err
+
+
+def check_mnist(data_dir=DEFAULT_DATA_DIR):
+    """Make sure the four raw IDX files are in data_dir/MNIST/raw and carry the canonical md5 sums.
+
+    Unpacks the shipped .gz files where a raw file is missing or wrong. Returns the raw folder.
+    Raises DataError naming the bad file and the fix; returns None when nothing is shipped at all
+    (the caller may then try torchvision's download).
+    """
+    raw_dir = Path(data_dir) / "MNIST" / "raw"
+    shipped_sums = _read_sha256sums(raw_dir)
+    missing = []
+    for name, md5 in RAW_MD5.items():
+        raw_path, gz_path = raw_dir / name, raw_dir / f"{name}.gz"
+        if raw_path.is_file() and _md5(raw_path) == md5:
+            continue
+        if not gz_path.is_file():
+            if raw_path.is_file():
+                raise DataError(f"{raw_path} is corrupted (md5 mismatch) and {gz_path.name} is not there to "
+                                f"restore it: delete it and put the shipped {gz_path.name} in {raw_dir}")
+            missing.append(gz_path.name)
+            continue
+        expected_sha = shipped_sums.get(gz_path.name)
+        if expected_sha and _sha256(gz_path) != expected_sha:
+            raise DataError(f"{gz_path} is corrupted (sha256 differs from SHA256SUMS); restore it with "
+                            f"`git checkout -- data/MNIST/raw/{gz_path.name}`")
+        _unpack(gz_path, raw_path)
+        if _md5(raw_path) != md5:
+            raw_path.unlink(missing_ok=True)
+            raise DataError(f"{gz_path} does not unpack to the canonical MNIST file (md5 mismatch); restore "
+                            f"it with `git checkout -- data/MNIST/raw/{gz_path.name}`")
+    if len(missing) == len(RAW_MD5):
+        return None
+    if missing:
+        raise DataError(f"MNIST is incomplete: {', '.join(missing)} missing from {raw_dir}; restore them with "
+                        f"`git checkout -- data/MNIST/raw`")
+    return raw_dir
+
+
+def ensure_mnist(data_dir=DEFAULT_DATA_DIR):
+    """The shipped copy if it is there, else torchvision's download, else a sentence saying what to do."""
+    raw_dir = check_mnist(data_dir)
+    if raw_dir is not None:
+        return raw_dir
+    from torchvision import datasets
+    raw_dir = Path(data_dir) / "MNIST" / "raw"
+    try:
+        for train in (True, False):
+            datasets.MNIST(str(data_dir), train=train, download=True)
+    except Exception as err:  # any network or disk failure ends in the same advice
+        names = ", ".join(f"{n}.gz" for n in RAW_MD5)
+        raise DataError(f"MNIST is not in {raw_dir} and could not be downloaded ({type(err).__name__}); put "
+                        f"{names} there (they ship with the project: `git checkout -- data/MNIST/raw`)") from err
+    return check_mnist(data_dir)
+
+
+def load_mnist(data_dir=DEFAULT_DATA_DIR):
+    """All of MNIST as uint8 images (N, 28, 28) and int64 labels: {"train": (x, y), "test": (x, y)}."""
+    from torchvision import datasets
+    ensure_mnist(data_dir)
+    splits = {}
+    for split, train in (("train", True), ("test", False)):
+        ds = datasets.MNIST(str(data_dir), train=train, download=False)
+        splits[split] = (ds.data.contiguous(), ds.targets.long().contiguous())
+    return splits
+
+
+def split_train_val(images, labels, val_size=5000, seed=0):
+    """Carve a validation split from the training set, fixed by the seed: (train_x, train_y), (val_x, val_y)."""
+    if not 0 < val_size < len(images):
+        raise ValueError(f"val_size must be between 1 and {len(images) - 1}, got {val_size}")
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    val_idx, train_idx = order[:val_size], order[val_size:]
+    return (images[train_idx], labels[train_idx]), (images[val_idx], labels[val_idx])
+
+
+def get_splits(data_dir=DEFAULT_DATA_DIR, val_size=5000, seed=0, device="cpu", train_subset=None):
+    """train/val/test as uint8 image tensors and label tensors on `device`.
+
+    train_subset keeps only the first N training images (after the split): for quick checks and tests.
+    """
+    data = load_mnist(data_dir)
+    train, val = split_train_val(*data["train"], val_size=val_size, seed=seed)
+    if train_subset:
+        train = (train[0][:train_subset], train[1][:train_subset])
+    return {name: (x.to(device), y.to(device)) for name, (x, y) in
+            (("train", train), ("val", val), ("test", data["test"]))}
+
+
+def normalize(images_uint8_or_unit):
+    """uint8 (N, 28, 28) or float in [0, 1] (N, 1, 28, 28) -> normalised float (N, 1, 28, 28)."""
+    x = images_uint8_or_unit
+    if x.dtype == torch.uint8:
+        x = x.float().div_(255.0)
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    return (x - MNIST_MEAN) / MNIST_STD
+
+
+def random_affine(x, degrees=10.0, translate=0.1, scale=(0.9, 1.1), generator=None):
+    """A different random rotation, shift and scale for every image of a float batch (N, 1, H, W), on its device.
+
+    Written with affine_grid/grid_sample rather than torchvision.transforms.v2.RandomAffine because that
+    transform draws one set of parameters per call, i.e. the same warp for the whole batch.
+    Zero stays zero, so apply it to [0, 1] images before normalising.
+    """
+    n = x.shape[0]
+    rand = torch.rand(n, 4, device=x.device, generator=generator)
+    angle = (rand[:, 0] * 2 - 1) * degrees * torch.pi / 180
+    factor = scale[0] + rand[:, 1] * (scale[1] - scale[0])
+    shift = (rand[:, 2:] * 2 - 1) * translate * 2  # affine_grid coordinates span [-1, 1], i.e. 2 units
+    cos, sin = torch.cos(angle) / factor, torch.sin(angle) / factor
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
+                         torch.stack([sin, cos, shift[:, 1]], 1)], 1).to(x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+class DeviceBatches:
+    """Batches of one split that lives on the device as uint8: shuffled index, batched augmentation.
+
+    Iterating yields (normalised float images (B, 1, 28, 28), labels (B,)). len() is the number of batches.
+    """
+
+    def __init__(self, images, labels, batch_size, shuffle=False, augment=False, drop_last=False, generator=None):
+        self.images, self.labels = images, labels
+        self.batch_size, self.shuffle, self.augment, self.drop_last = batch_size, shuffle, augment, drop_last
+        self.generator = generator
+
+    def __len__(self):
+        n = len(self.images)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        n, device = len(self.images), self.images.device
+        if self.shuffle:
+            order = torch.randperm(n, generator=self.generator).to(device)
+        else:
+            order = torch.arange(n, device=device)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            x = self.images[idx].unsqueeze(1).float().div_(255.0)
+            if self.augment:
+                x = random_affine(x)
+            yield normalize(x), self.labels[idx]

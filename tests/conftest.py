@@ -1,0 +1,35 @@
+"""Shared fixtures: a small model trained by our own train_pytorch.py, once per test session."""
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def mnist_splits():
+    """Real MNIST, train/val/test uint8 tensors on the CPU (the default split: seed 0, 5,000 validation)."""
+    import data_loader
+    return data_loader.get_splits()
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory):
+    """A simple model trained for one epoch on 6,000 real MNIST images by train_pytorch.py (a few seconds).
+
+    Returns the save_dir holding best_model_simple_pt.pth, last_simple_pt.pth and the reports.
+    It reaches about 96% test accuracy: good enough to check that tools agree with it, not a quality bar.
+    """
+    import train_pytorch
+    save_dir = tmp_path_factory.mktemp("small_run")
+    code = train_pytorch.main(["--model", "simple", "--epochs", "1", "--train_subset", "6000", "--device", "cpu",
+                               "--save_dir", str(save_dir), "--no_progress"])
+    assert code == 0
+    return save_dir
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(small_run):
+    return small_run / "best_model_simple_pt.pth"

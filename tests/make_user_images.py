@@ -1,0 +1,236 @@
+"""Pictures of digits "as people send them", made from MNIST *test* digits (labels known, never trained on).
+
+Each kind imitates one way a real picture differs from MNIST:
+
+  paper_jpeg   dark ink on off-white or tinted noisy paper, random size and position, JPEG (quality 60-90)
+  paper_png    the same, saved as PNG
+  rgba         a drawing-app export: strokes on a transparent canvas whose hidden colour is black, white or junk
+  big_canvas   a big white-on-black canvas (400-1000 px) with a small off-centre digit
+  thin_stroke  a drawing-app canvas with a thin pen (2-5 px strokes on a 250-600 px digit)
+  photo        a phone photo: uneven light, a soft shadow, blur, specks of dust, JPEG, stored sideways with
+               an EXIF orientation tag
+  scan         a large high-resolution scan (1700x2200 grey page, scanner noise, JPEG)
+  mnist28      the MNIST digit itself, 28x28 PNG (must come through unchanged)
+
+Used by tests/test_predict.py (a few dozen per kind, in tmp_path) and, run as a script, to measure accuracy
+per kind with a checkpoint, against a naive resize-to-28x28:
+
+    python tests/make_user_images.py --per_kind 500 --model_path pretrained/best_model_simple_pt.pth
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+KINDS = ("paper_jpeg", "paper_png", "rgba", "big_canvas", "thin_stroke", "photo", "scan", "mnist28")
+
+
+def _upscale(digit, height, rng):
+    """An MNIST digit (28x28 uint8) as ink coverage in [0, 1] at `height` pixels, crisp anti-aliased edges.
+
+    Bicubic upscaling gives soft blurry strokes; a steep ramp around mid-grey turns them into the sharp
+    edge a marker or pen leaves, and a small random rotation stands in for a tilted page.
+    """
+    img = Image.fromarray(digit, "L").rotate(rng.uniform(-6, 6), resample=Image.Resampling.BICUBIC)
+    up = img.resize((height, height), Image.Resampling.BICUBIC)
+    a = np.asarray(up, dtype=np.float32) / 255.0
+    return np.clip((a - 0.35) * 4.0, 0.0, 1.0)
+
+
+def _thin(binary):
+    """Zhang-Suen thinning to a one-pixel skeleton (vectorised; only used to make the thin-stroke kind)."""
+    b = binary.astype(np.int32)
+    while True:
+        changed = False
+        for step in (0, 1):
+            p = np.pad(b, 1)
+            n = [p[:-2, 1:-1], p[:-2, 2:], p[1:-1, 2:], p[2:, 2:], p[2:, 1:-1], p[2:, :-2], p[1:-1, :-2], p[:-2, :-2]]
+            count = sum(n)
+            turns = sum(((n[i] == 0) & (n[(i + 1) % 8] == 1)).astype(np.int32) for i in range(8))
+            if step == 0:
+                side = (n[0] * n[2] * n[4] == 0) & (n[2] * n[4] * n[6] == 0)
+            else:
+                side = (n[0] * n[2] * n[6] == 0) & (n[0] * n[4] * n[6] == 0)
+            remove = (b == 1) & (count >= 2) & (count <= 6) & (turns == 1) & side
+            if remove.any():
+                b[remove] = 0
+                changed = True
+        if not changed:
+            return b.astype(bool)
+
+
+def _paste(canvas_hw, ink, rng):
+    """Place ink coverage at a random position on a zero canvas of shape canvas_hw."""
+    h, w = canvas_hw
+    out = np.zeros((h, w), np.float32)
+    ih, iw = ink.shape
+    top, left = rng.integers(0, h - ih + 1), rng.integers(0, w - iw + 1)
+    out[top:top + ih, left:left + iw] = ink
+    return out
+
+
+def _paper(h, w, rng, tinted=True):
+    base = np.array([rng.uniform(225, 252), rng.uniform(215, 250), rng.uniform(190, 245)]) if tinted \
+        else np.full(3, rng.uniform(220, 250))
+    noise = rng.normal(0, rng.uniform(4, 14), (h, w, 1))
+    return base[None, None, :] + noise
+
+
+def _compose(paper, coverage, ink_rgb):
+    c = coverage[..., None]
+    return np.clip(paper * (1 - c) + np.asarray(ink_rgb, np.float32)[None, None, :] * c, 0, 255).astype(np.uint8)
+
+
+def _dark_ink(rng):
+    return [rng.uniform(10, 70), rng.uniform(10, 70), rng.uniform(10, 140)]  # black, grey, blue-black pens
+
+
+def make_one(kind, digit, rng):
+    """One picture of `kind` from an MNIST digit: (PIL image, file suffix, extra save kwargs)."""
+    if kind in ("paper_jpeg", "paper_png"):
+        h, w = int(rng.integers(100, 420)), int(rng.integers(100, 420))
+        size = int(min(h, w) * rng.uniform(0.3, 0.8))
+        cover = _paste((h, w), _upscale(digit, size, rng), rng)
+        img = Image.fromarray(_compose(_paper(h, w, rng), cover, _dark_ink(rng)), "RGB")
+        if kind == "paper_jpeg":
+            return img, ".jpg", {"quality": int(rng.integers(60, 91))}
+        return img, ".png", {}
+    if kind == "rgba":
+        h, w = int(rng.integers(200, 520)), int(rng.integers(200, 520))
+        size = int(min(h, w) * rng.uniform(0.4, 0.85))
+        cover = _paste((h, w), _upscale(digit, size, rng), rng)
+        hidden = rng.integers(0, 3)  # what the transparent pixels hold: black, white or junk
+        rgb = np.zeros((h, w, 3)) if hidden == 0 else np.full((h, w, 3), 255.0) if hidden == 1 \
+            else rng.uniform(0, 255, (h, w, 3))
+        pen = np.array([rng.uniform(0, 255) for _ in range(3)]) if rng.random() < 0.3 else np.array(_dark_ink(rng))
+        c = (cover > 0)[..., None]
+        rgb = np.where(c, pen[None, None, :], rgb)
+        rgba = np.dstack([rgb, cover * 255]).round().astype(np.uint8)
+        return Image.fromarray(rgba, "RGBA"), ".png", {}
+    if kind == "big_canvas":
+        h, w = int(rng.integers(400, 1001)), int(rng.integers(400, 1001))
+        size = int(min(h, w) * rng.uniform(0.08, 0.2))
+        cover = _paste((h, w), _upscale(digit, size, rng), rng)
+        bg, fg = rng.uniform(0, 25), rng.uniform(200, 255)
+        return Image.fromarray((bg + (fg - bg) * cover).round().astype(np.uint8), "L"), ".png", {}
+    if kind == "thin_stroke":
+        side = int(rng.integers(280, 620))
+        size = int(side * rng.uniform(0.45, 0.9))
+        skeleton = _thin(_upscale(digit, size // 2, rng) > 0.5)  # thin at half size, draw at full size
+        pen = int(rng.integers(2, 6))
+        stroke = Image.fromarray((skeleton * 255).astype(np.uint8), "L").resize((size, size),
+                                                                              Image.Resampling.NEAREST)
+        stroke = stroke.filter(ImageFilter.MaxFilter(pen if pen % 2 else pen + 1))
+        stroke = stroke.filter(ImageFilter.GaussianBlur(0.6))  # the app's anti-aliasing
+        cover = _paste((side, side), np.asarray(stroke, np.float32) / 255.0, rng)
+        img = Image.fromarray((255 * (1 - cover)).round().astype(np.uint8), "L")
+        return (img.convert("RGB") if rng.random() < 0.5 else img), ".png", {}
+    if kind == "photo":
+        h, w = 480, 640
+        size = int(h * rng.uniform(0.25, 0.6))
+        cover = _paste((h, w), _upscale(digit, size, rng), rng)
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        light = 1 - rng.uniform(0.1, 0.35) * (xx / w if rng.random() < 0.5 else 1 - xx / w)
+        light *= 1 - rng.uniform(0.1, 0.3) * (((yy - h / 2) / h) ** 2 + ((xx - w / 2) / w) ** 2) * 2
+        edge = rng.uniform(0.2, 0.8) * w  # the soft shadow of a hand or a phone over part of the page
+        light *= 1 - rng.uniform(0.1, 0.3) / (1 + np.exp(-(xx - edge) / 30.0)) * (rng.random() < 0.6)
+        paper = _paper(h, w, rng) * light[..., None]
+        for _ in range(int(rng.integers(0, 12))):  # dust
+            y, x, r = rng.integers(0, h), rng.integers(0, w), rng.uniform(1, 3)
+            paper[(yy - y) ** 2 + (xx - x) ** 2 <= r * r] *= 0.4
+        img = Image.fromarray(_compose(paper, cover, [v * light.mean() for v in _dark_ink(rng)]), "RGB")
+        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
+        exif = Image.Exif()
+        exif[0x0112] = 6  # orientation: "rotate 90 clockwise to view"; the pixels are stored turned left
+        return img.transpose(Image.Transpose.ROTATE_90), ".jpg", {"quality": int(rng.integers(70, 91)),
+                                                                  "exif": exif.tobytes()}
+    if kind == "scan":
+        h, w = 2200, 1700
+        size = int(rng.integers(200, 700))
+        cover = _paste((h, w), _upscale(digit, size, rng), rng)
+        paper = np.full((h, w), rng.uniform(200, 240), np.float32) + rng.normal(0, 5, (h, w)).astype(np.float32)
+        grey = np.clip(paper * (1 - cover) + rng.uniform(20, 80) * cover, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L"), ".jpg", {"quality": 85}
+    if kind == "mnist28":
+        return Image.fromarray(digit, "L"), ".png", {}
+    raise ValueError(f"unknown kind {kind!r}: choose from {', '.join(KINDS)}")
+
+
+def make_set(out_dir, images, labels, kinds=KINDS, per_kind=50, seed=0):
+    """Write per_kind pictures of each kind under out_dir/<kind>/; returns [(path, label, kind), ...].
+
+    Digits are drawn from `images` (MNIST test digits, uint8 (N, 28, 28)) in a fixed random order.
+    """
+    out_dir = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(images))
+    made = []
+    for k, kind in enumerate(kinds):
+        folder = out_dir / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_kind):
+            idx = int(order[(k * per_kind + i) % len(order)])
+            img, suffix, kwargs = make_one(kind, np.asarray(images[idx], np.uint8), rng)
+            path = folder / f"{i:04d}_{int(labels[idx])}{suffix}"
+            img.save(path, **kwargs)
+            made.append((path, int(labels[idx]), kind))
+    return made
+
+
+def naive_28(path):
+    """The plain resize people try first: greyscale, resize to 28x28, no other change (float in [0, 1])."""
+    img = Image.open(path).convert("L").resize((28, 28), Image.Resampling.BILINEAR)
+    return np.asarray(img, np.float32) / 255.0
+
+
+def accuracy_by_kind(made, model_path):
+    """{kind: (ours, naive, n)} accuracies of a checkpoint on pictures from make_set."""
+    import torch
+    import data_loader
+    from cnn_pytorch import load_checkpoint
+    model, ckpt = load_checkpoint(model_path)
+    mean, std = ckpt["normalization"]["mean"], ckpt["normalization"]["std"]
+    results = {}
+    for kind in dict.fromkeys(k for _, _, k in made):
+        rows = [(p, y) for p, y, k in made if k == kind]
+        ours, naive = [], []
+        for path, _ in rows:
+            try:
+                ours.append(data_loader.image_to_mnist(path, mean, std))
+            except data_loader.ImageError:
+                ours.append(torch.full((1, 28, 28), -mean / std))  # counted wrong: blank input
+            naive.append((torch.from_numpy(naive_28(path)) - mean).div(std).unsqueeze(0))
+        y = torch.tensor([label for _, label in rows])
+        with torch.no_grad():
+            acc = [(model(torch.stack(x)).argmax(1) == y).float().mean().item() for x in (ours, naive)]
+        results[kind] = (acc[0], acc[1], len(rows))
+    return results
+
+
+def main(argv=None):
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root))
+    p = argparse.ArgumentParser(description="make the 'as people send them' set and score a checkpoint on it")
+    p.add_argument("--out", default=None, help="where to write the pictures (default: a temporary folder)")
+    p.add_argument("--per_kind", type=int, default=500, help="pictures per kind")
+    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="which kinds")
+    p.add_argument("--seed", type=int, default=0, help="seed for digits and distortions")
+    p.add_argument("--model_path", default=str(root / "pretrained" / "best_model_simple_pt.pth"),
+                   help="checkpoint to score (default: the shipped pretrained model)")
+    args = p.parse_args(argv)
+    import tempfile
+    import data_loader
+    test_x, test_y = data_loader.load_mnist()["test"]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(args.out) if args.out else Path(tmp)
+        made = make_set(out, test_x.numpy(), test_y.numpy(), args.kinds, args.per_kind, args.seed)
+        results = accuracy_by_kind(made, args.model_path)
+    print(f"{'kind':<12} {'n':>5} {'image_to_mnist':>15} {'naive resize':>13}")
+    for kind, (ours, naive, n) in results.items():
+        print(f"{kind:<12} {n:>5} {ours * 100:>14.1f}% {naive * 100:>12.1f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""The shipped dataset, the validation split and the on-device batches with augmentation."""
+import gzip
+import shutil
+
+import pytest
+import torch
+
+import data_loader
+from data_loader import DataError, DeviceBatches, random_affine, split_train_val
+
+
+def test_shipped_mnist_has_the_documented_counts_and_labels(mnist_splits):
+    data = data_loader.load_mnist()
+    assert data["train"][0].shape == (60_000, 28, 28) and data["train"][0].dtype == torch.uint8
+    assert data["test"][0].shape == (10_000, 28, 28)
+    assert data["train"][1][:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+    assert data["test"][1][:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+    assert torch.bincount(data["train"][1]).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert [len(mnist_splits[s][0]) for s in ("train", "val", "test")] == [55_000, 5_000, 10_000]
+
+
+def test_default_data_dir_is_beside_the_scripts_not_the_working_directory():
+    assert data_loader.DEFAULT_DATA_DIR.is_absolute()
+    assert data_loader.DEFAULT_DATA_DIR == data_loader.PROJECT_DIR / "data"
+
+
+def test_validation_split_is_disjoint_complete_and_fixed_by_the_seed():
+    idx = torch.arange(60_000)
+    (train, _), (val, _) = split_train_val(idx, idx, val_size=5000, seed=0)
+    assert len(train) == 55_000 and len(val) == 5_000
+    assert len(set(train.tolist()) | set(val.tolist())) == 60_000
+    (_, _), (val_again, _) = split_train_val(idx, idx, val_size=5000, seed=0)
+    (_, _), (val_other, _) = split_train_val(idx, idx, val_size=5000, seed=1)
+    assert torch.equal(val, val_again) and not torch.equal(val, val_other)
+
+
+def test_augmentation_differs_per_sample_and_keeps_the_shape():
+    torch.manual_seed(0)
+    digit = data_loader.load_mnist()["train"][0][0].float().div(255)
+    batch = digit.expand(16, 1, 28, 28).clone()
+    out = random_affine(batch)
+    assert out.shape == batch.shape
+    diffs = [(out[i] - out[0]).abs().sum().item() for i in range(1, 16)]
+    assert min(diffs) > 1.0, "two samples got the same warp"
+    # Small warps: the digit keeps most of its ink and stays in [0, 1].
+    assert out.min() >= 0 and out.max() <= 1
+    assert (out.sum(dim=(1, 2, 3)) / batch[0].sum()).sub(1).abs().max() < 0.35
+
+
+def test_identity_affine_leaves_images_unchanged():
+    x = torch.rand(4, 1, 28, 28)
+    out = random_affine(x, degrees=0, translate=0, scale=(1, 1))
+    assert torch.allclose(out, x, atol=1e-5)
+
+
+def test_batches_cover_every_image_once_per_epoch_and_are_normalised():
+    images = torch.arange(1000).remainder(256).to(torch.uint8).reshape(1000, 1, 1).expand(1000, 28, 28)
+    labels = torch.arange(1000)
+    batches = DeviceBatches(images.contiguous(), labels, 128, shuffle=True, generator=torch.Generator().manual_seed(0))
+    seen = torch.cat([y for _, y in batches])
+    assert len(batches) == 8 and sorted(seen.tolist()) == list(range(1000))
+    assert seen.tolist() != list(range(1000)), "not shuffled"
+    x, y = next(iter(DeviceBatches(images.contiguous(), labels, 10)))
+    expected = (images[:10].float() / 255 - data_loader.MNIST_MEAN) / data_loader.MNIST_STD
+    assert x.shape == (10, 1, 28, 28) and torch.allclose(x[:, 0], expected)
+
+
+@pytest.fixture()
+def data_copy(tmp_path):
+    """A copy of the shipped .gz files and SHA256SUMS, without the unpacked raw files."""
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in data_loader.DEFAULT_DATA_DIR.joinpath("MNIST", "raw").iterdir():
+        if f.suffix == ".gz" or f.name == "SHA256SUMS":
+            shutil.copy(f, raw / f.name)
+    return tmp_path / "data"
+
+
+def test_shipped_copy_is_unpacked_and_checked_on_first_use(data_copy):
+    raw = data_loader.check_mnist(data_copy)
+    assert sorted(p.name for p in raw.iterdir() if not p.suffix and p.name != "SHA256SUMS") == sorted(data_loader.RAW_MD5)
+
+
+def test_corrupted_archive_is_named_with_the_fix(data_copy):
+    gz = data_copy / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz"
+    data = bytearray(gzip.decompress(gz.read_bytes()))
+    data[100] ^= 0xFF
+    gz.write_bytes(gzip.compress(bytes(data)))
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz.*git checkout"):
+        data_loader.check_mnist(data_copy)
+
+
+def test_corrupted_raw_file_is_restored_from_the_archive(data_copy):
+    raw = data_loader.check_mnist(data_copy)
+    (raw / "train-labels-idx1-ubyte").write_bytes(b"garbage")
+    data_loader.check_mnist(data_copy)
+    assert data_loader._md5(raw / "train-labels-idx1-ubyte") == data_loader.RAW_MD5["train-labels-idx1-ubyte"]
+
+
+def test_without_the_shipped_copy_and_without_network_the_error_says_what_to_put_where(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def no_network(*args, **kwargs):
+        raise ConnectionError("no network")
+    monkeypatch.setattr(torchvision.datasets, "MNIST", no_network)
+    with pytest.raises(DataError, match=r"put train-images-idx3-ubyte.gz.*there"):
+        data_loader.ensure_mnist(tmp_path / "empty")
+
+
+def test_one_missing_archive_is_named(data_copy):
+    (data_copy / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").unlink()
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz missing"):
+        data_loader.check_mnist(data_copy)

@@ -173,5 +173,6 @@ def load_checkpoint(path, device="cpu", expected_model=None):
     try:
         model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{path}: weights do not fit the {ckpt['model']!r} model ({str(err)[:120]})") from err
+        detail = " ".join(str(err).split())[:160]  # PyTorch's message spans lines; people get one
+        raise CheckpointError(f"{path}: weights do not fit the {ckpt['model']!r} model ({detail})") from err
     return model.to(device).eval(), ckpt

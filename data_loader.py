@@ -198,13 +198,17 @@ class DeviceBatches:
     Iterating yields (normalised float images (B, 1, 28, 28), labels (B,)). len() is the number of batches.
     """
 
-    def __init__(self, images, labels, batch_size, shuffle=False, augment=False, drop_last=False, generator=None):
+    def __init__(self, images, labels, batch_size, shuffle=False, augment=False, drop_last=False, generator=None,
+                 rank=0, world_size=1):
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.augment, self.drop_last = batch_size, shuffle, augment, drop_last
         self.generator = generator
+        # Distributed training: every rank draws the same shuffled order and keeps every world_size-th image
+        # from its rank on, cut to the same length everywhere so all ranks take the same number of steps.
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self):
-        n = len(self.images)
+        n = len(self.images) // self.world_size
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self):
@@ -213,6 +217,7 @@ class DeviceBatches:
             order = torch.randperm(n, generator=self.generator).to(device)
         else:
             order = torch.arange(n, device=device)
+        order = order[self.rank::self.world_size][:n // self.world_size]
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             x = self.images[idx].unsqueeze(1).float().div_(255.0)

@@ -74,6 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--dry_run", "--dry-run", action="store_true",
                    help="one batch through train, validation and test, then stop: checks the setup in seconds")
     p.add_argument("--no_progress", "--no-progress", action="store_true", help="no tqdm bars, summary lines only")
+    p.add_argument("--dist_timeout", "--dist-timeout", type=int, default=180,
+                   help="under torchrun: seconds a process waits for the others before giving up with an error")
     return p
 
 
@@ -130,23 +132,24 @@ def pick_device(name):
     return device
 
 
-def make_optimizer(args, model):
+def make_optimizer(args, model, lr_scale=1.0):
     fused = {"fused": True} if args.device.startswith("cuda") else {}
+    lr = args.learning_rate * lr_scale
     if args.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, **fused)
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=args.weight_decay, **fused)
     if args.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=0.9, nesterov=True,
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
                                weight_decay=args.weight_decay, **fused)
-    return torch.optim.RMSprop(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    return torch.optim.RMSprop(model.parameters(), lr=lr, weight_decay=args.weight_decay)
 
 
-def make_scheduler(args, optimizer, steps_per_epoch):
+def make_scheduler(args, optimizer, steps_per_epoch, lr_scale=1.0):
     """Returns (scheduler or None, whether it steps every batch)."""
     total = args.epochs * steps_per_epoch
     if args.scheduler == "onecycle":
-        peak = max(args.max_lr, args.learning_rate)
+        peak = max(args.max_lr, args.learning_rate) * lr_scale
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=peak, total_steps=total, pct_start=0.15, div_factor=peak / args.learning_rate,
+            optimizer, max_lr=peak, total_steps=total, pct_start=0.15, div_factor=max(args.max_lr, args.learning_rate) / args.learning_rate,
             final_div_factor=1e3, cycle_momentum=args.optimizer == "sgd"), True
     if args.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total), True
@@ -157,8 +160,56 @@ def make_scheduler(args, optimizer, steps_per_epoch):
     return None, False
 
 
-def train_one_epoch(model, batches, optimizer, scheduler, per_batch, ctx, bar, max_steps=None):
-    """One pass over the training batches; returns (mean loss, accuracy). Sums stay on the device (no sync)."""
+class Dist:
+    """Where this process stands in a torchrun launch; a plain run is rank 0 of 1."""
+
+    def __init__(self, rank=0, world=1, local_rank=0):
+        self.rank, self.world, self.local_rank = rank, world, local_rank
+        self.is_main = rank == 0
+        self.enabled = world > 1
+
+    def sum(self, *values):
+        """Sum numbers over all ranks (one all_reduce); returns floats."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.enabled:
+            torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def agree(self, flag):
+        """Rank 0 decides, every rank follows (early stopping must stop everyone at the same epoch)."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([int(flag)], device=self.device)
+        torch.distributed.broadcast(t, src=0)
+        return bool(t.item())
+
+
+def setup_distributed(args):
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: then join the process group (NCCL on CUDA, Gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        dist = Dist()
+        dist.device = torch.device(args.device)
+        return dist
+    from datetime import timedelta
+    dist = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)  # one process per GPU
+        torch.cuda.set_device(device)
+        args.device = str(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    # A finite timeout: if a rank dies, the others give up with a message instead of waiting forever.
+    torch.distributed.init_process_group(backend, timeout=timedelta(seconds=args.dist_timeout))
+    dist.device = device
+    return dist
+
+
+def train_one_epoch(model, batches, optimizer, scheduler, per_batch, ctx, bar, dist, max_steps=None):
+    """One pass over the training batches; returns (mean loss, accuracy) over all ranks.
+
+    The running sums stay on the device, so the loop never waits for the GPU but for an occasional NaN check.
+    """
     model.train()
     loss_sum = torch.zeros((), device=batches.images.device)
     correct = torch.zeros((), device=batches.images.device, dtype=torch.long)
@@ -177,11 +228,12 @@ def train_one_epoch(model, batches, optimizer, scheduler, per_batch, ctx, bar, m
         seen += len(y)
         if bar is not None:
             bar.update(1)
-        if step % 100 == 99 and not torch.isfinite(loss_sum):  # an occasional sync, to stop a NaN run early
+        if step % 100 == 99 and not dist.enabled and not torch.isfinite(loss_sum):  # stop a NaN run early
             break
         if max_steps is not None and step + 1 >= max_steps:
             break
-    return loss_sum.item() / seen, correct.item() / seen
+    loss_total, correct_total, seen_total = dist.sum(loss_sum.item(), correct.item(), seen)
+    return loss_total / seen_total, correct_total / seen_total
 
 
 @torch.no_grad()
@@ -197,12 +249,33 @@ def predict_probs(model, images, ctx, batch_size=1000, max_batches=None):
     return torch.cat(out)
 
 
-def evaluate(model, images, labels, ctx, max_batches=None):
-    """(mean cross-entropy, accuracy) of the model on one split."""
-    probs = predict_probs(model, images, ctx, max_batches=max_batches)
-    labels = labels[:len(probs)]
-    loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
-    return loss, (probs.argmax(1) == labels).float().mean().item()
+def gather_probs(model, images, ctx, dist):
+    """predict_probs over all ranks: each scores every world-th image, then all gather the whole (N, 10)."""
+    if not dist.enabled:
+        return predict_probs(unwrap(model), images, ctx)
+    n, world = len(images), dist.world
+    per_rank = -(-n // world)
+    mine = predict_probs(unwrap(model), images[dist.rank::world], ctx)
+    padded = torch.zeros(per_rank, mine.shape[1], device=mine.device)
+    padded[:len(mine)] = mine
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded)
+    probs = torch.empty(n, mine.shape[1], device=mine.device)
+    for r, part in enumerate(parts):
+        probs[r::world] = part[:len(range(r, n, world))]
+    return probs
+
+
+def evaluate(model, images, labels, ctx, dist=None, max_batches=None):
+    """(mean cross-entropy, accuracy) of the model on one split, summed over ranks when distributed."""
+    dist = dist or Dist()
+    rank, world = dist.rank, dist.world
+    probs = predict_probs(unwrap(model), images[rank::world], ctx, max_batches=max_batches)
+    labels = labels[rank::world][:len(probs)]
+    nll = F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum").item()
+    correct = (probs.argmax(1) == labels).sum().item()
+    nll, correct, count = dist.sum(nll, correct, len(labels)) if dist.enabled else (nll, correct, len(labels))
+    return nll / count, correct / count
 
 
 def rng_state(shuffle_gen):
@@ -245,13 +318,37 @@ def fail(message, code=1):
     sys.exit(code)
 
 
+def device_label(device):
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device} ({torch.get_num_threads()} threads)"
+
+
 def main(argv=None):
     parser = parse_args(argv)
     args = parser.parse_args(argv)
     check_args(parser, args)
+    try:
+        dist = setup_distributed(args)
+    except Exception as err:  # a bad rendezvous address, a port in use, a peer that never came
+        fail(f"could not join the torchrun process group ({str(err).splitlines()[0][:160]})", 2)
+    try:
+        return train(args, dist)
+    except (RuntimeError, torch.distributed.DistError) as err:
+        if not dist.enabled:
+            raise
+        fail(f"rank {dist.rank}: lost contact with the other training processes: one of them failed or timed out "
+             f"(see its output); {str(err).splitlines()[0][:160]}")
+    finally:
+        if dist.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def train(args, dist):
     save_dir = Path(args.save_dir)
     best_path = save_dir / f"best_model_{args.model}_pt.pth"
     last_path = save_dir / f"last_{args.model}_pt.pth"
+    say = print if dist.is_main else (lambda *a, **k: None)  # only rank 0 talks and writes
 
     resume_state = None
     if args.resume:
@@ -261,12 +358,15 @@ def main(argv=None):
             fail(str(err), 2)
         for key in RUN_SETTINGS:  # the run ends exactly as it would have without the interruption
             setattr(args, key, resume_state["args"][key])
+    # Under torchrun --batch_size is per process, so one step sees world x batch_size images. Learning rates
+    # grow with the square root of that (the usual rule for Adam; linear scaling overshoots it).
+    scale = dist.world ** 0.5
 
     # Device and precision are decided once, here, and never looked at again in the loop.
-    device = torch.device(args.device)
+    device = dist.device
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
     torch.manual_seed(args.seed)
-    shuffle_gen = torch.Generator().manual_seed(args.seed)
+    shuffle_gen = torch.Generator().manual_seed(args.seed)  # the same on every rank: each takes its own shard
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
@@ -280,44 +380,56 @@ def main(argv=None):
 
     model = build_model(args.model).to(device).to(memory_format=torch.channels_last)
     n_params = count_parameters(model)
-    print(f"{args.model} CNN: {n_params:,} parameters | device {device}"
-          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''} | "
-          f"amp {'bf16' if args.amp else 'off'} | train {len(train_x):,} val {len(val_x):,} test {len(test_x):,} "
-          f"| data ready in {load_seconds:.1f}s")
+    say(f"{args.model} CNN: {n_params:,} parameters | device {device_label(device)}"
+        f"{f' x {dist.world} processes' if dist.enabled else ''} | amp {'bf16' if args.amp else 'off'} | "
+        f"train {len(train_x):,} val {len(val_x):,} test {len(test_x):,} | data ready in {load_seconds:.1f}s")
     batches = data_loader.DeviceBatches(train_x, train_y, args.batch_size, shuffle=True, augment=args.augment,
-                                        drop_last=len(train_x) >= 2 * args.batch_size, generator=shuffle_gen)
-    optimizer = make_optimizer(args, model)
-    scheduler, per_batch = make_scheduler(args, optimizer, len(batches))
-    step_model = torch.compile(model) if args.compile else model
+                                        drop_last=len(train_x) >= 2 * args.batch_size * dist.world,
+                                        generator=shuffle_gen, rank=dist.rank, world_size=dist.world)
+    step_model = model
+    if dist.enabled:
+        step_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+        torch.manual_seed(args.seed + 1 + dist.rank)  # a different augmentation on every rank
+    if scale != 1.0:
+        say(f"distributed: {dist.world} processes x --batch_size {args.batch_size} = {dist.world * args.batch_size} "
+            f"images per step; learning rates x {scale:.2f} (square-root rule)")
+    optimizer = make_optimizer(args, step_model, scale)
+    scheduler, per_batch = make_scheduler(args, optimizer, len(batches), scale)
+    if args.compile:
+        step_model = torch.compile(step_model)
 
     history, best_val, best_epoch, stale, start_epoch, train_seconds = [], -1.0, 0, 0, 0, 0.0
     if resume_state is not None:
-        unwrap(model).load_state_dict(resume_state["state_dict"])
+        model.load_state_dict(resume_state["state_dict"])
         optimizer.load_state_dict(resume_state["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(resume_state["scheduler"])
         set_rng_state(resume_state["rng"], shuffle_gen)
+        if dist.enabled:
+            torch.manual_seed(args.seed + 1 + dist.rank + 7919 * resume_state["epoch"])
         history, best_val, best_epoch = resume_state["history"], resume_state["best_val"], resume_state["best_epoch"]
         stale, start_epoch, train_seconds = resume_state["stale"], resume_state["epoch"], resume_state["train_seconds"]
-        print(f"resuming after epoch {start_epoch} of {args.epochs} from {last_path}")
+        say(f"resuming after epoch {start_epoch} of {args.epochs} from {last_path}")
 
     if args.dry_run:
         t = time.perf_counter()
-        loss, acc = train_one_epoch(step_model, batches, optimizer, scheduler, per_batch, ctx, None, max_steps=1)
-        val_loss, val_acc = evaluate(step_model, val_x, val_y, ctx, max_batches=1)
-        test_loss, test_acc = evaluate(step_model, test_x, test_y, ctx, max_batches=1)
-        print(f"dry run: one batch each through train (loss {loss:.3f}), validation (loss {val_loss:.3f}) and "
-              f"test (loss {test_loss:.3f}) in {time.perf_counter() - t:.2f}s; nothing written. Setup works.")
+        loss, _ = train_one_epoch(step_model, batches, optimizer, scheduler, per_batch, ctx, None, dist, max_steps=1)
+        val_loss, _ = evaluate(model, val_x, val_y, ctx, dist, max_batches=1)
+        test_loss, _ = evaluate(model, test_x, test_y, ctx, dist, max_batches=1)
+        say(f"dry run: one batch each through train (loss {loss:.3f}), validation (loss {val_loss:.3f}) and "
+            f"test (loss {test_loss:.3f}) in {time.perf_counter() - t:.2f}s; nothing written. Setup works.")
         return 0
 
-    interrupted = False
-    epoch = start_epoch
+    epoch, bar = start_epoch, None
     try:
         for epoch in range(start_epoch + 1, args.epochs + 1):
             t = time.perf_counter()
-            bar = None if args.no_progress else tqdm(total=len(batches), desc=f"epoch {epoch}/{args.epochs}",
-                                                     leave=False, unit="batch", dynamic_ncols=True)
-            train_loss, train_acc = train_one_epoch(step_model, batches, optimizer, scheduler, per_batch, ctx, bar)
+            if dist.is_main and not args.no_progress:
+                bar = tqdm(total=len(batches), desc=f"epoch {epoch}/{args.epochs}", leave=False, unit="batch",
+                           dynamic_ncols=True)
+            train_loss, train_acc = train_one_epoch(step_model, batches, optimizer, scheduler, per_batch, ctx, bar,
+                                                    dist)
             if bar is not None:
                 bar.close()
             if not math.isfinite(train_loss):
@@ -327,7 +439,7 @@ def main(argv=None):
                 torch.cuda.synchronize()
             epoch_seconds = time.perf_counter() - t
             train_seconds += epoch_seconds
-            val_loss, val_acc = evaluate(step_model, val_x, val_y, ctx)
+            val_loss, val_acc = evaluate(model, val_x, val_y, ctx, dist)
             if scheduler is not None and not per_batch:
                 scheduler.step(val_loss) if args.scheduler == "plateau" else scheduler.step()
             lr = optimizer.param_groups[0]["lr"]
@@ -337,25 +449,29 @@ def main(argv=None):
             improved = val_acc > best_val
             if improved:
                 best_val, best_epoch, stale = val_acc, epoch, 0
-                atomic_save(make_checkpoint(model, args.model, epoch=epoch, val_accuracy=val_acc,
-                                            args=vars(args)), best_path)
             else:
                 stale += 1
-            atomic_save({**make_checkpoint(model, args.model, epoch=epoch, val_accuracy=val_acc, args=vars(args)),
-                         "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                         "rng": rng_state(shuffle_gen), "history": history, "best_val": best_val,
-                         "best_epoch": best_epoch, "stale": stale, "train_seconds": train_seconds}, last_path)
-            print(f"epoch {epoch:>3}/{args.epochs} | train loss {train_loss:.4f} acc {train_acc * 100:6.2f}% | "
-                  f"val loss {val_loss:.4f} acc {val_acc * 100:6.2f}%{' *' if improved else '  '} | "
-                  f"lr {lr:.2e} | {epoch_seconds:5.1f}s", flush=True)
-            if args.patience and stale >= args.patience:
-                print(f"early stop: no better validation accuracy for {args.patience} epochs")
+            if dist.is_main:
+                if improved:
+                    atomic_save(make_checkpoint(model, args.model, epoch=epoch, val_accuracy=val_acc,
+                                                args=vars(args)), best_path)
+                atomic_save({**make_checkpoint(model, args.model, epoch=epoch, val_accuracy=val_acc,
+                                               args=vars(args)),
+                             "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                             "rng": rng_state(shuffle_gen), "history": history, "best_val": best_val,
+                             "best_epoch": best_epoch, "stale": stale, "train_seconds": train_seconds}, last_path)
+            say(f"epoch {epoch:>3}/{args.epochs} | train loss {train_loss:.4f} acc {train_acc * 100:6.2f}% | "
+                f"val loss {val_loss:.4f} acc {val_acc * 100:6.2f}%{' *' if improved else '  '} | "
+                f"lr {lr:.2e} | {epoch_seconds:5.1f}s", flush=True)
+            if dist.agree(bool(args.patience) and stale >= args.patience):
+                say(f"early stop: no better validation accuracy for {args.patience} epochs")
                 break
     except KeyboardInterrupt:
-        interrupted = True
         if bar is not None:
             bar.close()
+        if not dist.is_main:
+            return 130
         if history:
             print(f"\ninterrupted in epoch {epoch}: the state after epoch {history[-1]['epoch']} is saved in "
                   f"{last_path}\nresume with: python train_pytorch.py --model {args.model} --save_dir "
@@ -366,27 +482,32 @@ def main(argv=None):
         return 130
 
     # The test set is scored once, with the epoch chosen on validation.
-    best_model = unwrap(model)
+    if dist.enabled:
+        torch.distributed.barrier()  # rank 0 has written the best checkpoint
     best = torch.load(best_path, map_location="cpu", weights_only=True)
-    best_model.load_state_dict(best["state_dict"])
-    probs = predict_probs(best_model, test_x, ctx)
+    model.load_state_dict(best["state_dict"])
+    probs = gather_probs(model, test_x, ctx, dist)
+    if not dist.is_main:
+        return 0
     import metrics  # imported late: scikit-learn is only needed once training is done
     import visualization
-    report = metrics.compute_metrics(test_y.cpu().numpy(), probs.cpu().numpy())
-    best["test_accuracy"], best["test_loss"] = report["accuracy"], report["loss"]
+    y_true = test_y.cpu().numpy()
+    report = metrics.compute_metrics(y_true, probs.cpu().numpy())
+    best.update(test_accuracy=report["accuracy"], test_loss=report["loss"], epochs_run=len(history),
+                training_seconds=round(train_seconds, 2))
     atomic_save(best, best_path)
     info = {"model": args.model, "parameters": n_params, "best_epoch": best_epoch, "epochs_run": len(history),
             "val_accuracy": round(best_val, 6), "training_seconds": round(train_seconds, 2),
-            "data_seconds": round(load_seconds, 2), "device": str(device) + (
-                f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f" ({torch.get_num_threads()} threads)"),
-            "amp": "bf16" if args.amp else "off", "seed": args.seed, "torch": torch.__version__}
+            "data_seconds": round(load_seconds, 2), "device": device_label(device),
+            "processes": dist.world, "amp": "bf16" if args.amp else "off", "seed": args.seed,
+            "torch": torch.__version__}
     metrics.write_metrics(report, save_dir, args.model, info)
     write_history_csv(history, save_dir / f"history_{args.model}.csv")
     visualization.plot_training_history(history, save_dir / "training_history.png", best_epoch)
+    visualization.plot_test_report(save_dir, test_x.cpu().numpy(), y_true, probs.cpu().numpy(), report)
     print(f"test accuracy {report['accuracy'] * 100:.2f}% (loss {report['loss']:.4f}) with the epoch-{best_epoch} "
-          f"model chosen on validation ({best_val * 100:.2f}%) | training {train_seconds:.1f}s | "
-          f"saved {best_path}")
-    return 0 if not interrupted else 130
+          f"model chosen on validation ({best_val * 100:.2f}%) | training {train_seconds:.1f}s | saved {best_path}")
+    return 0
 
 
 if __name__ == "__main__":

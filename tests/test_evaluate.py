@@ -82,25 +82,56 @@ def test_prints_a_table(single):
     assert lines[1].split()[:2] == ["simple", f"{count_parameters(build_model('simple')):,}"]
 
 
-def test_ensemble_of_two_copies_equals_the_model(single, small_checkpoint, tmp_path, monkeypatch):
+@pytest.fixture
+def first_test_images(monkeypatch):
+    """The ensemble tests score the first 2,000 test images only: they check the averaging, not MNIST."""
+    load_mnist = evaluate.data_loader.load_mnist
+
+    def first_2000(*args, **kwargs):
+        data = load_mnist(*args, **kwargs)
+        return {**data, "test": tuple(t[:2000] for t in data["test"])}
+    monkeypatch.setattr(evaluate.data_loader, "load_mnist", first_2000)
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures are checked above; here only which probabilities would be drawn where."""
+    calls = {}
+    monkeypatch.setattr(evaluate.visualization, "plot_test_report",
+                        lambda folder, images, y, probs, report: calls.update({folder: probs}))
+    return calls
+
+
+def test_ensemble_of_two_copies_equals_the_model(small_checkpoint, tmp_path, first_test_images, drawn):
     copy = shutil.copy(small_checkpoint, tmp_path / "copy.pth")
-    drawn = []  # the figures are checked above; here only where they would go
-    monkeypatch.setattr(evaluate.visualization, "plot_test_report", lambda folder, *a: drawn.append(folder))
     save_dir = tmp_path / "out"
     code, out, err = run_main(["--model_path", small_checkpoint, copy, "--save_dir", save_dir, "--device", "cpu"])
     assert code == 0, err
-    one = json.loads((single[0] / "metrics_simple.json").read_text())
     reports = {name: json.loads((save_dir / f"metrics_{name}.json").read_text())
                for name in ("simple", "simple_2", "ensemble")}  # two "simple" models: no report overwritten
+    one = reports["simple"]
     for report in reports.values():
-        assert report["accuracy"] == one["accuracy"]
+        assert report["accuracy"] == one["accuracy"] and report["num_samples"] == 2000
         assert report["confusion_matrix"] == one["confusion_matrix"]
         assert report["loss"] == pytest.approx(one["loss"], rel=1e-6)
     assert reports["ensemble"]["parameters"] == 2 * one["parameters"]
-    assert drawn == [save_dir / "simple", save_dir / "simple_2", save_dir / "ensemble"]
+    assert list(drawn) == [save_dir / "simple", save_dir / "simple_2", save_dir / "ensemble"]  # a folder each
     table = out.splitlines()
     assert [line.split()[0] for line in table[1:4]] == ["simple", "simple_2", "ensemble"]  # ensemble last
     assert table[3].split()[2] == f"{one['accuracy'] * 100:.2f}%"
+
+
+def test_ensemble_averages_the_softmax_of_different_models(small_checkpoint, tmp_path, first_test_images, drawn):
+    ckpt = torch.load(small_checkpoint, map_location="cpu", weights_only=True)
+    bias = ckpt["state_dict"]["classifier.5.bias"].clone()
+    bias[7] += 4.0  # a second model that says "7" far more often
+    other = tmp_path / "biased.pth"
+    torch.save({**ckpt, "state_dict": {**ckpt["state_dict"], "classifier.5.bias": bias}}, other)
+    code, _, err = run_main(["--model_path", small_checkpoint, other, "--save_dir", tmp_path, "--device", "cpu"])
+    assert code == 0, err
+    first, second, ensemble = (drawn[tmp_path / name] for name in ("simple", "simple_2", "ensemble"))
+    assert not np.allclose(first, second)
+    np.testing.assert_allclose(ensemble, (first + second) / 2, rtol=1e-6)
 
 
 def test_report_names_get_a_suffix_when_shared():

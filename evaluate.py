@@ -1,0 +1,166 @@
+"""Score saved checkpoints on the MNIST test set: python evaluate.py --model_path results/best_model_simple_pt.pth
+
+Writes the same report the end of training writes (metrics_<model>.txt and .json, confusion_matrix.png,
+sample_predictions.png, misclassified.png, per_class_metrics.png) without training anything. Several
+--model_path values are scored one by one and then as an ensemble (their softmax outputs averaged).
+"""
+import argparse
+import sys
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+import data_loader
+import metrics
+import visualization
+from cnn_pytorch import CheckpointError, count_parameters, load_checkpoint
+from train_pytorch import OneLineParser, pick_device, predict_probs
+
+PROJECT_DIR = Path(__file__).resolve().parent
+PROG = "evaluate.py"
+
+
+class InputError(Exception):
+    """Bad input from the user, phrased as one line for them."""
+
+
+def parse_args(argv=None):
+    p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0],
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model_path", "--model-path", nargs="+", required=True, default=argparse.SUPPRESS,
+                   help="one or more checkpoints written by train_pytorch.py; several are also scored as an "
+                        "ensemble (relative paths are looked up here, then in the project folder)")
+    p.add_argument("--save_dir", "--save-dir", default="results",
+                   help="where the reports go (relative paths are taken from the project folder)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
+    p.add_argument("--data_dir", "--data-dir", default=str(PROJECT_DIR / "data"), help="where MNIST lives")
+    p.add_argument("--batch_size", "--batch-size", type=int, default=1000, help="test images per forward pass")
+    return p
+
+
+def find_checkpoint(path):
+    """As typed (relative to where the user is), else relative to the project folder, like --save_dir."""
+    path = Path(path)
+    if not path.exists() and not path.is_absolute() and (PROJECT_DIR / path).exists():
+        return PROJECT_DIR / path
+    return path
+
+
+def writable_dir(path):
+    path = Path(path) if Path(path).is_absolute() else PROJECT_DIR / path
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise InputError(f"cannot write to --save_dir {path} ({err.strerror}): pick a folder you can write to")
+    return path
+
+
+def report_names(checkpoints):
+    """The model name of each checkpoint, with _2, _3 ... where two share one, so no report overwrites another."""
+    names, seen = [], {}
+    for ckpt in checkpoints:
+        seen[ckpt["model"]] = seen.get(ckpt["model"], 0) + 1
+        names.append(ckpt["model"] if seen[ckpt["model"]] == 1 else f"{ckpt['model']}_{seen[ckpt['model']]}")
+    return names
+
+
+def autocast_for(ckpt, device):
+    """Score as training scored its test set (bf16 autocast when it used it on CUDA), so the stored accuracy
+    is reproduced exactly on the same kind of device."""
+    if device.type == "cuda" and ckpt.get("args", {}).get("amp"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def load(path, device):
+    """Rebuild one checkpoint's model on the device: (model, checkpoint dict). Raises CheckpointError."""
+    model, ckpt = load_checkpoint(path, device)
+    return model.to(memory_format=torch.channels_last), ckpt  # as in training: same kernels, same numbers
+
+
+def checkpoint_info(path, ckpt, params, device):
+    """Run facts for the report, from the checkpoint; what the checkpoint does not hold stays unknown (None)."""
+    args = ckpt.get("args", {})
+    return {"model": ckpt["model"], "parameters": params, "checkpoint": str(path), "best_epoch": ckpt.get("epoch"),
+            "epochs_run": ckpt.get("epochs_run"), "training_seconds": ckpt.get("training_seconds"),
+            "val_accuracy": ckpt.get("val_accuracy"), "stored_test_accuracy": ckpt.get("test_accuracy"),
+            "seed": args.get("seed"), "device": str(device), "torch": torch.__version__}
+
+
+def write_report(save_dir, figure_dir, name, info, test_x, test_y, probs):
+    """metrics_<name>.txt/.json into save_dir and the four test figures into figure_dir; returns the report."""
+    report = metrics.compute_metrics(test_y.numpy(), probs.numpy())
+    metrics.write_metrics(report, save_dir, name, info)
+    figure_dir.mkdir(exist_ok=True)
+    visualization.plot_test_report(figure_dir, test_x.numpy(), test_y.numpy(), probs.numpy(), report)
+    return report
+
+
+def check_reproduced(path, ckpt, accuracy):
+    """Say so when a checkpoint scores differently from what training stored in it."""
+    stored = ckpt.get("test_accuracy")
+    if stored is not None and abs(stored - accuracy) > 1e-9:
+        print(f"note: {path} says {stored * 100:.2f}% but scores {accuracy * 100:.2f}% here "
+              f"(training used another device or precision)", file=sys.stderr)
+
+
+def print_table(rows):
+    """rows: (name, parameters, accuracy, checkpoint) -> an aligned table, the ensemble last."""
+    width = max(len("model"), *(len(r[0]) for r in rows))
+    print(f"{'model':<{width}}  {'parameters':>11}  {'test accuracy':>13}  checkpoint")
+    for name, params, accuracy, checkpoint in rows:
+        print(f"{name:<{width}}  {params:>11,}  {accuracy * 100:>12.2f}%  {checkpoint}")
+
+
+def run(args):
+    if args.batch_size < 1:
+        raise InputError(f"--batch_size must be at least 1, got {args.batch_size}")
+    try:
+        device = pick_device(args.device)
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    # Every checkpoint is loaded before the test set is read: a typo fails in a second, before anything is written.
+    paths = [find_checkpoint(p) for p in args.model_path]
+    loaded = [load(path, device) for path in paths]
+    save_dir = writable_dir(args.save_dir)
+    test_x, test_y = data_loader.load_mnist(args.data_dir)["test"]
+    test_x_device, several = test_x.to(device), len(paths) > 1
+
+    rows, all_probs = [], []
+    names = report_names([ckpt for _, ckpt in loaded])
+    for typed, path, name, (model, ckpt) in zip(args.model_path, paths, names, loaded):
+        probs = predict_probs(model, test_x_device, autocast_for(ckpt, device), batch_size=args.batch_size).cpu()
+        params = count_parameters(model)
+        # Several models: figures go to a folder per model, since their file names are fixed.
+        report = write_report(save_dir, save_dir / name if several else save_dir, name,
+                              checkpoint_info(path, ckpt, params, device), test_x, test_y, probs)
+        check_reproduced(path, ckpt, report["accuracy"])
+        rows.append((name, params, report["accuracy"], typed))
+        all_probs.append(probs)
+    if several:
+        info = {"model": "ensemble", "parameters": sum(r[1] for r in rows), "device": str(device),
+                "members": ", ".join(f"{r[0]} ({r[3]})" for r in rows)}
+        report = write_report(save_dir, save_dir / "ensemble", "ensemble", info, test_x, test_y,
+                              torch.stack(all_probs).mean(0))
+        rows.append(("ensemble", info["parameters"], report["accuracy"], "softmax outputs above, averaged"))
+    print_table(rows)
+    print(f"reports written to {save_dir}")
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv).parse_args(argv)
+    try:
+        return run(args)
+    except (InputError, CheckpointError, data_loader.DataError) as err:
+        # One line whatever the message holds (PyTorch's load_state_dict errors span several).
+        print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

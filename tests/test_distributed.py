@@ -1,0 +1,72 @@
+"""train_pytorch.py under torchrun (DistributedDataParallel, Gloo on the CPU): same command line, same files."""
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from cnn_pytorch import load_checkpoint
+from conftest import ROOT
+
+SCRIPT = str(ROOT / "train_pytorch.py")
+FLAGS = ["--train_subset", "12000", "--epochs", "1", "--device", "cpu", "--no_progress"]
+# Two processes take half the steps per epoch at twice the batch, so one short epoch lands a little lower.
+TOLERANCE = 0.04
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_match_a_single_process_run(tmp_path, mnist_splits):
+    single = subprocess.run([sys.executable, SCRIPT, *FLAGS, "--save_dir", str(tmp_path / "single")],
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                          str(free_port()), SCRIPT, *FLAGS, "--save_dir", str(tmp_path / "ddp")],
+                         capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    assert ddp.stdout.count("test accuracy") == 1, "only rank 0 may report"
+    assert "x 2 processes" in ddp.stdout
+
+    model, ckpt = load_checkpoint(tmp_path / "ddp" / "best_model_simple_pt.pth")  # plain model, no "module."
+    assert not any(k.startswith("module.") for k in ckpt["state_dict"])
+    single_acc = torch.load(tmp_path / "single" / "best_model_simple_pt.pth", weights_only=True)["test_accuracy"]
+    assert abs(ckpt["test_accuracy"] - single_acc) <= TOLERANCE
+    assert ckpt["test_accuracy"] > 0.9
+
+    # The reduced test accuracy is the accuracy of the saved model on the whole test set.
+    import data_loader
+    images, labels = mnist_splits["test"]
+    with torch.no_grad():
+        preds = model(data_loader.normalize(images)).argmax(1)
+    assert (preds == labels).float().mean().item() == pytest.approx(ckpt["test_accuracy"], abs=1e-4)
+
+
+def test_a_rank_that_dies_makes_the_other_exit_with_a_message_not_hang(tmp_path):
+    port, procs = free_port(), []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, SCRIPT, "--train_subset", "6000", "--epochs", "4",
+                                       "--device", "cpu", "--no_progress", "--save_dir", str(tmp_path),
+                                       "--dist_timeout", "60"],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        for line in procs[0].stdout:
+            if line.startswith("epoch   1/4"):
+                procs[1].kill()
+                killed_at = time.time()
+                break
+        _, err = procs[0].communicate(timeout=120)
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[0].returncode == 1
+    assert "lost contact with the other training processes" in err
+    assert time.time() - killed_at < 90

@@ -3,7 +3,9 @@
 Models return raw logits; the loss belongs to the training script. Each model works out its own flatten size
 from a dummy input, so changing a layer never means recomputing a magic number by hand.
 """
+import argparse
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -176,3 +178,53 @@ def load_checkpoint(path, device="cpu", expected_model=None):
         detail = " ".join(str(err).split())[:160]  # PyTorch's message spans lines; people get one
         raise CheckpointError(f"{path}: weights do not fit the {ckpt['model']!r} model ({detail})") from err
     return model.to(device).eval(), ckpt
+
+
+# Shared by every command: flags that fail in one line, the device choice, batched inference.
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr and exit code 2, not usage plus the error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def pick_device(name):
+    """auto -> cuda, then mps, then cpu. Asking for a device that is not there is an error, not a fallback."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown --device {name!r}: use auto, cuda, cuda:N, mps or cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but this PyTorch sees no CUDA GPU: use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps asked for, but MPS is not available: use --device cpu or auto")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported --device {name!r}: use auto, cuda, mps or cpu")
+    return device
+
+
+@torch.no_grad()
+def predict_probs(model, images, ctx=None, batch_size=1000, max_batches=None):
+    """Softmax outputs (N, 10) as float32 for uint8 images (N, 28, 28) on the model's device, in eval mode.
+
+    ctx: the precision context (e.g. torch.autocast for bf16); None runs in full precision.
+    """
+    from data_loader import DeviceBatches
+    model.eval()
+    ctx = ctx if ctx is not None else nullcontext()
+    out = []
+    for i, (x, _) in enumerate(DeviceBatches(images, images.new_zeros(len(images)), batch_size)):
+        if max_batches is not None and i >= max_batches:
+            break
+        with ctx:
+            out.append(model(x.contiguous(memory_format=torch.channels_last)).float().softmax(1))
+    return torch.cat(out)

@@ -15,8 +15,7 @@ import torch
 import data_loader
 import metrics
 import visualization
-from cnn_pytorch import CheckpointError, count_parameters, load_checkpoint
-from train_pytorch import OneLineParser, pick_device, predict_probs
+from cnn_pytorch import CheckpointError, OneLineParser, count_parameters, load_checkpoint, pick_device, predict_probs
 
 PROJECT_DIR = Path(__file__).resolve().parent
 PROG = "evaluate.py"

@@ -19,20 +19,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data_loader
-from cnn_pytorch import MODELS, CheckpointError, atomic_save, build_model, count_parameters, make_checkpoint, unwrap
+from cnn_pytorch import (MODELS, CheckpointError, OneLineParser, atomic_save, build_model, count_parameters,
+                         make_checkpoint, pick_device, predict_probs, unwrap)
 
 PROJECT_DIR = Path(__file__).resolve().parent
 
 # Settings that define a run: restored from the last checkpoint on --resume so it ends as it would have.
 RUN_SETTINGS = ("model", "epochs", "batch_size", "learning_rate", "max_lr", "optimizer", "scheduler", "patience",
                 "weight_decay", "seed", "val_size", "augment", "train_subset")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr and exit code 2, not usage plus the error."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def parse_args(argv=None):
@@ -107,29 +101,6 @@ def check_args(parser, args):
     args.save_dir = str(save_dir)
     if args.amp is None:
         args.amp = args.device.startswith("cuda")
-
-
-def pick_device(name):
-    """auto -> cuda, then mps, then cpu. Asking for a device that is not there is an error, not a fallback."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown --device {name!r}: use auto, cuda, cuda:N, mps or cpu") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but this PyTorch sees no CUDA GPU: use --device cpu or auto")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps asked for, but MPS is not available: use --device cpu or auto")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"unsupported --device {name!r}: use auto, cuda, mps or cpu")
-    return device
 
 
 def make_optimizer(args, model, lr_scale=1.0):
@@ -234,19 +205,6 @@ def train_one_epoch(model, batches, optimizer, scheduler, per_batch, ctx, bar, d
             break
     loss_total, correct_total, seen_total = dist.sum(loss_sum.item(), correct.item(), seen)
     return loss_total / seen_total, correct_total / seen_total
-
-
-@torch.no_grad()
-def predict_probs(model, images, ctx, batch_size=1000, max_batches=None):
-    """Softmax outputs (N, 10) as float32 for uint8 images (N, 28, 28), in eval mode."""
-    model.eval()
-    out = []
-    for i, (x, _) in enumerate(data_loader.DeviceBatches(images, images.new_zeros(len(images)), batch_size)):
-        if max_batches is not None and i >= max_batches:
-            break
-        with ctx:
-            out.append(model(x.contiguous(memory_format=torch.channels_last)).float().softmax(1))
-    return torch.cat(out)
 
 
 def gather_probs(model, images, ctx, dist):

@@ -34,10 +34,11 @@ def parse_args(argv=None):
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="simple", help=f"which network: {', '.join(MODELS)}")
     p.add_argument("--epochs", type=int, default=10, help="epochs to train (early stopping may end sooner)")
-    p.add_argument("--batch_size", "--batch-size", type=int, default=128, help="images per training step")
+    p.add_argument("--batch_size", "--batch-size", type=int, default=128, help="images per training step, per process under torchrun")
     p.add_argument("--learning_rate", "--learning-rate", "--lr", type=float, default=0.001,
                    help="base learning rate: the constant rate with --scheduler none, the start of the warm-up "
-                        "with onecycle, the start of cosine and step")
+                        "with onecycle, the start of cosine and step (under torchrun both rates are multiplied "
+                        "by the square root of the number of processes)")
     p.add_argument("--max_lr", "--max-lr", type=float, default=0.005,
                    help="peak learning rate of the onecycle schedule (one epoch of Adam at a flat 0.001 reaches "
                         "only ~98.4%%; a short warm-up to 0.005 and a cosine decay reach 99%%+)")
@@ -51,10 +52,11 @@ def parse_args(argv=None):
                    help="stop after this many epochs without a better validation accuracy (0: never stop early)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="random rotation (10 deg), shift (10%%) and scale (0.9-1.1) per training image")
-    p.add_argument("--no_augment", dest="augment", action="store_false", help="same as --no-augment")
+    p.add_argument("--no_augment", dest="augment", action="store_false", default=argparse.SUPPRESS,
+                   help="same as --no-augment")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast; on by default on CUDA, off elsewhere")
+                   help="bf16 autocast (default: on with CUDA, off elsewhere)%(default).0s")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
     p.add_argument("--seed", type=int, default=0, help="seed for the validation split, init, shuffling, augmentation")
     p.add_argument("--val_size", "--val-size", type=int, default=5000, help="validation images taken from training")

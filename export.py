@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 import data_loader
-from cnn_pytorch import CheckpointError, load_checkpoint
+from cnn_pytorch import CheckpointError, OneLineParser, load_checkpoint
 
 PROJECT_DIR = Path(__file__).resolve().parent
 
@@ -55,13 +55,6 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 class ExportError(Exception):
     """An export that cannot be made or loaded, phrased for a person."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr and exit code 2, not usage plus the error."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def parse_args(argv=None):

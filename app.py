@@ -1,0 +1,325 @@
+"""Draw a digit in the browser and watch the model read it: python app.py, then open http://127.0.0.1:8000/
+
+A small local web app on Python's standard library HTTP server (no framework: three routes and one page do
+not need one, and nothing new to install). The page (static/index.html, plain HTML/CSS/JS, nothing fetched
+from the internet) has a canvas to draw on with mouse or finger, Clear and Undo, an image upload, and shows,
+as you draw, the predicted digit, the ten probabilities and the 28x28 image the model saw.
+
+API (JSON out; errors are {"error": "one line"} with a 4xx status):
+    GET  /          the page
+    GET  /health    {"status": "ok", "model": "simple", "checkpoint": "best_model_simple_pt.pth", ...}
+    POST /predict   body: the raw bytes of one picture (PNG, JPEG, BMP, GIF, TIFF, WebP; any Content-Type),
+                    e.g. `curl --data-binary @digit.png http://127.0.0.1:8000/predict`
+                    200 {"prediction": 7, "confidence": 0.98, "probabilities": [10 floats],
+                         "preprocessed": "data:image/png;base64,...",   (the 28x28 the model saw)
+                         "ms": 12.5}                                    (time to read and predict)
+                    422 {"error": "no digit found (...)", "no_digit": true}   a readable picture with no ink
+                    400 not a picture, empty body; 413 body over 5 MB or a picture over 50 megapixels;
+                    411 no Content-Length
+
+The model is loaded once, the same way predict.py loads it (cnn_pytorch.load_checkpoint), and every picture
+goes through the same data_loader.image_to_mnist(). Safe by default: it listens on 127.0.0.1 only unless
+--host says otherwise. Each request runs in its own thread; a bad one gets its error and nothing else stops.
+Exit code: 0 after Ctrl-C, 2 for bad flags, an unusable checkpoint or an address it cannot listen on.
+"""
+import argparse
+import base64
+import io
+import json
+import sys
+import threading
+import time
+import traceback
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from cnn_pytorch import CheckpointError, OneLineParser, load_checkpoint, pick_device
+from data_loader import ImageError, NoDigitError, WORK_MAX, image_to_mnist, mnist_to_image
+
+PROJECT_DIR = Path(__file__).resolve().parent
+PAGE = PROJECT_DIR / "static" / "index.html"
+DEFAULT_MODEL = PROJECT_DIR / "results" / "best_model_simple_pt.pth"
+PRETRAINED_MODEL = PROJECT_DIR / "pretrained" / "best_model_simple_pt.pth"
+MAX_BODY = 5 * 1024 * 1024   # bytes: a phone photo fits, a flood does not
+MAX_PIXELS = 50_000_000      # a 5 MB PNG can still unpack to gigabytes; refuse before decoding
+REQUEST_TIMEOUT = 30         # seconds a connection may sit idle or trickle a body before it is dropped
+
+
+def default_model_path():
+    """results/best_model_simple_pt.pth, else the newest results/best_model_*.pth, else the shipped model."""
+    if DEFAULT_MODEL.is_file():
+        return DEFAULT_MODEL
+    trained = sorted(DEFAULT_MODEL.parent.glob("best_model_*.pth"), key=lambda p: p.stat().st_mtime)
+    return trained[-1] if trained else PRETRAINED_MODEL
+
+
+def parse_args(argv=None):
+    p = OneLineParser(prog="app.py", description=__doc__.splitlines()[0],
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model_path", "--model-path", default=None,
+                   help="checkpoint to use; default: results/best_model_simple_pt.pth, else the newest "
+                        "results/best_model_*.pth, else the shipped pretrained/best_model_simple_pt.pth")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; 0.0.0.0 lets other machines on your network use the page")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port, printed at start)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (one picture: cpu is plenty)")
+    return p
+
+
+class TooLarge(ImageError):
+    """A picture whose pixels would not fit in memory comfortably, though its file is small."""
+
+
+class Predictor:
+    """The loaded model and its normalisation: picture bytes in, the JSON answer out. Safe to share by threads."""
+
+    def __init__(self, model_path, device):
+        self.model, self.ckpt = load_checkpoint(model_path, device)
+        self.device = device
+        self.path = Path(model_path)
+        self.mean = self.ckpt["normalization"]["mean"]
+        self.std = self.ckpt["normalization"]["std"]
+        self.lock = threading.Lock()  # pictures are prepared in parallel; the forward pass goes one at a time
+
+    def info(self):
+        acc = self.ckpt.get("test_accuracy")
+        return {"status": "ok", "model": self.ckpt["model"], "checkpoint": self.path.name,
+                "test_accuracy": acc if isinstance(acc, float) else None, "device": str(self.device)}
+
+    def predict(self, body):
+        """Picture bytes -> the /predict answer. Raises ImageError (NoDigitError: no ink; TooLarge: too many pixels)."""
+        try:
+            img = Image.open(io.BytesIO(body))
+        except UnidentifiedImageError:
+            raise ImageError("not a picture (PNG, JPEG, BMP, GIF, TIFF or WebP)") from None
+        except Image.DecompressionBombError:
+            raise TooLarge(f"picture of too many pixels: at most {MAX_PIXELS // 1_000_000} megapixels") from None
+        except (OSError, SyntaxError, ValueError) as err:
+            raise ImageError(f"damaged picture ({' '.join(str(err).split())[:120]})") from None
+        if img.width * img.height > MAX_PIXELS:
+            raise TooLarge(f"picture of {img.width}x{img.height} pixels: at most {MAX_PIXELS // 1_000_000} "
+                           f"megapixels")
+        try:
+            img.draft("L", (WORK_MAX, WORK_MAX))  # JPEG only: decode big photos at a fraction of the size, fast
+        except Exception:  # a hint only, as in data_loader.open_image
+            pass
+        x = image_to_mnist(img, self.mean, self.std)
+        with self.lock, torch.inference_mode():
+            probs = self.model(x.unsqueeze(0).to(self.device)).float().softmax(1)[0].cpu().tolist()
+        best = max(range(10), key=lambda d: probs[d])
+        png = io.BytesIO()
+        mnist_to_image(x, self.mean, self.std).save(png, "PNG")
+        return {"prediction": best, "confidence": round(probs[best], 6),
+                "probabilities": [round(p, 6) for p in probs],
+                "preprocessed": "data:image/png;base64," + base64.b64encode(png.getvalue()).decode("ascii")}
+
+
+class Handler(BaseHTTPRequestHandler):
+    """GET / and /health, POST /predict. Every answer has a Content-Length, so connections can be kept alive."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "mnist-app/1"
+    timeout = REQUEST_TIMEOUT
+    predictor = None  # set by make_server
+    page = b""
+
+    # -- answers ---------------------------------------------------------------------------------------------
+
+    def send_body(self, status, body, content_type, extra=()):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        for name, value in extra:
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def send_json(self, status, obj, extra=()):
+        self.send_body(status, json.dumps(obj).encode(), "application/json", extra)
+
+    def send_error_json(self, status, message, extra=(), **more):
+        self.send_json(status, {"error": message, **more}, extra)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (bad request line, headers too long, ...) as JSON too."""
+        self.close_connection = True
+        try:
+            self.send_error_json(code, message or HTTPStatus(code).phrase)
+        except OSError:
+            pass
+
+    def log_message(self, format, *args):
+        sys.stderr.write(f"{self.address_string()} - {format % args}\n")
+
+    # -- routes ----------------------------------------------------------------------------------------------
+
+    def do_GET(self):
+        path = self.path.split("?", 1)[0]
+        if path in ("/", "/index.html"):
+            self.send_body(200, self.page, "text/html; charset=utf-8", [(
+                "Content-Security-Policy",  # the page may talk to this server only, never to the internet
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                "img-src 'self' data: blob:; connect-src 'self'; form-action 'none'; base-uri 'none'")])
+        elif path == "/health":
+            self.send_json(200, self.predictor.info())
+        elif path == "/predict":
+            self.send_error_json(405, "use POST with the picture's bytes as the body", extra=[("Allow", "POST")])
+        else:
+            self.send_error_json(404, f"no page {path!r}: try / or /health")
+
+    do_HEAD = do_GET
+
+    def do_POST(self):
+        body = self.read_body()  # read (or refused and drained) first, whatever the path: the connection stays sane
+        if body is None:
+            return
+        path = self.path.split("?", 1)[0]
+        if path != "/predict":
+            self.send_error_json(405 if path in ("/", "/index.html", "/health") else 404, "POST pictures to /predict")
+            return
+        started = time.perf_counter()
+        try:
+            answer = self.predictor.predict(body)
+        except NoDigitError as err:
+            self.send_error_json(422, str(err), no_digit=True)
+        except TooLarge as err:
+            self.send_error_json(413, str(err))
+        except ImageError as err:
+            self.send_error_json(400, str(err))
+        except Exception:  # a bug or a picture nobody foresaw: this request gets a 500, the server goes on
+            traceback.print_exc()
+            self.send_error_json(500, "internal error while reading this picture: see the server's log")
+        else:
+            answer["ms"] = round((time.perf_counter() - started) * 1000, 1)
+            self.send_json(200, answer)
+
+    def read_body(self):
+        """The request body, or None after answering 400/411/413 (and draining what the client sends)."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            self.send_error_json(411, "send the picture with a Content-Length (chunked bodies are not accepted)")
+            return None
+        length = self.headers.get("Content-Length")
+        try:
+            length = int(length)
+        except (TypeError, ValueError):
+            length = -1
+        if length < 0:
+            self.close_connection = True
+            self.send_error_json(411 if self.headers.get("Content-Length") is None else 400,
+                                 "a Content-Length header with the size of the picture is needed")
+            return None
+        if length > MAX_BODY:
+            self.refuse_too_large(length)
+            return None
+        if length == 0:
+            self.send_error_json(400, "empty body: send the bytes of a picture (PNG, JPEG, ...)")
+            return None
+        body = self.rfile.read(length)
+        if len(body) < length:  # the client hung up half way
+            self.close_connection = True
+            return None
+        return body
+
+    def refuse_too_large(self, length):
+        """413 without reading the body into memory; what the client is still sending is read and dropped.
+
+        Closing a socket with unread data makes the kernel send a reset, which can destroy the 413 before the
+        client reads it; so the answer goes first, then up to the announced length is drained (a 'lingering
+        close', as nginx does), within a few seconds.
+        """
+        self.close_connection = True
+        self.send_error_json(413, f"picture of {length / 2**20:.1f} MB: at most {MAX_BODY // 2**20} MB")
+        self.wfile.flush()
+        deadline, left = time.monotonic() + 5.0, min(length, 8 * MAX_BODY)
+        try:
+            self.connection.settimeout(1.0)
+            while left > 0 and time.monotonic() < deadline:
+                chunk = self.rfile.read1(min(left, 1 << 16))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except OSError:
+            pass
+
+    def handle_expect_100(self):
+        """`Expect: 100-continue` (curl, for big uploads): refuse an oversized body before it is sent."""
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            length = 0
+        if length > MAX_BODY:
+            self.close_connection = True
+            self.send_error_json(413, f"picture of {length / 2**20:.1f} MB: at most {MAX_BODY // 2**20} MB")
+            return False
+        return super().handle_expect_100()
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True  # Ctrl-C does not wait for idle keep-alive connections
+    request_queue_size = 64
+
+    def handle_error(self, request, client_address):
+        """A client that hangs up or stalls is routine, not worth a traceback; anything else is printed."""
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
+
+
+def make_server(predictor, host="127.0.0.1", port=8000):
+    """The HTTP server, listening but not yet serving (call .serve_forever())."""
+    handler = type("AppHandler", (Handler,), {"predictor": predictor, "page": PAGE.read_bytes()})
+    return Server((host, port), handler)
+
+
+def main(argv=None):
+    parser = parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be between 0 and 65535, got {args.port}")
+
+    try:
+        device = pick_device(args.device)
+    except ValueError as err:
+        parser.error(str(err))
+    model_path = Path(args.model_path) if args.model_path else default_model_path()
+    if not args.model_path and not model_path.is_file():
+        print(f"app.py: error: no trained model: neither {DEFAULT_MODEL} nor the shipped {PRETRAINED_MODEL} "
+              f"exists; train one with `python train_pytorch.py` or pass --model_path", file=sys.stderr)
+        return 2
+    try:
+        predictor = Predictor(model_path, device)
+    except CheckpointError as err:
+        print(f"app.py: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        server = make_server(predictor, args.host, args.port)
+    except OSError as err:
+        print(f"app.py: error: cannot listen on {args.host}:{args.port} ({err.strerror or err}); "
+              f"try another --port", file=sys.stderr)
+        return 2
+    host, port = server.server_address[:2]
+    shown = f"[{host}]" if ":" in host else host
+    acc = predictor.info()["test_accuracy"]
+    print(f"model: {model_path} ({predictor.ckpt['model']}"
+          f"{f', test accuracy {acc * 100:.2f}%' if acc is not None else ''}) on {device}", flush=True)
+    print(f"serving on http://{shown}:{port}/  (Ctrl-C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("\nstopped", flush=True)
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -37,24 +37,15 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from cnn_pytorch import CheckpointError, OneLineParser, load_checkpoint, pick_device
+from cnn_pytorch import (DEFAULT_MODEL, PRETRAINED_MODEL, CheckpointError, OneLineParser, default_model_path,
+                         load_checkpoint, pick_device)
 from data_loader import ImageError, NoDigitError, WORK_MAX, image_to_mnist, mnist_to_image
 
 PROJECT_DIR = Path(__file__).resolve().parent
 PAGE = PROJECT_DIR / "static" / "index.html"
-DEFAULT_MODEL = PROJECT_DIR / "results" / "best_model_simple_pt.pth"
-PRETRAINED_MODEL = PROJECT_DIR / "pretrained" / "best_model_simple_pt.pth"
 MAX_BODY = 5 * 1024 * 1024   # bytes: a phone photo fits, a flood does not
 MAX_PIXELS = 50_000_000      # a 5 MB PNG can still unpack to gigabytes; refuse before decoding
 REQUEST_TIMEOUT = 30         # seconds a connection may sit idle or trickle a body before it is dropped
-
-
-def default_model_path():
-    """results/best_model_simple_pt.pth, else the newest results/best_model_*.pth, else the shipped model."""
-    if DEFAULT_MODEL.is_file():
-        return DEFAULT_MODEL
-    trained = sorted(DEFAULT_MODEL.parent.glob("best_model_*.pth"), key=lambda p: p.stat().st_mtime)
-    return trained[-1] if trained else PRETRAINED_MODEL
 
 
 def parse_args(argv=None):

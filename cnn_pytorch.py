@@ -4,6 +4,7 @@ Models return raw logits; the loss belongs to the training script. Each model wo
 from a dummy input, so changing a layer never means recomputing a magic number by hand.
 """
 import argparse
+import json
 import os
 from contextlib import nullcontext
 from pathlib import Path
@@ -11,7 +12,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+PROJECT_DIR = Path(__file__).resolve().parent
+DEFAULT_MODEL = PROJECT_DIR / "results" / "best_model_simple_pt.pth"
+PRETRAINED_MODEL = PROJECT_DIR / "pretrained" / "best_model_simple_pt.pth"  # shipped: works on a fresh clone
 CHECKPOINT_FORMAT = "mnist-cnn/1"
+INPUT_NAME, OUTPUT_NAME = "input", "logits"  # the names of an exported ONNX model's input and output
 CLASSES = [str(d) for d in range(10)]
 
 
@@ -180,6 +185,14 @@ def load_checkpoint(path, device="cpu", expected_model=None):
     return model.to(device).eval(), ckpt
 
 
+def default_model_path():
+    """results/best_model_simple_pt.pth, else the newest results/best_model_*.pth, else the shipped model."""
+    if DEFAULT_MODEL.is_file():
+        return DEFAULT_MODEL
+    trained = sorted(DEFAULT_MODEL.parent.glob("best_model_*.pth"), key=lambda p: p.stat().st_mtime)
+    return trained[-1] if trained else PRETRAINED_MODEL
+
+
 # Shared by every command: flags that fail in one line, the device choice, batched inference.
 
 class OneLineParser(argparse.ArgumentParser):
@@ -228,3 +241,63 @@ def predict_probs(model, images, ctx=None, batch_size=1000, max_batches=None):
         with ctx:
             out.append(model(x.contiguous(memory_format=torch.channels_last)).float().softmax(1))
     return torch.cat(out)
+
+
+# Exported ONNX models (export.py writes them; predict.py and export.py run them through this loader).
+
+class OnnxModel:
+    """An exported ONNX model run by ONNX Runtime: call it on normalised float32 (N, 1, 28, 28), get logits (N, C).
+
+    `normalization` ({"mean", "std"}) and `classes` come from the file's own metadata, so the file is all that a
+    deployment needs; `normalize()` turns uint8 (N, 28, 28) or [0, 1] float (N, 1, 28, 28) images into the input.
+    """
+
+    def __init__(self, session, metadata, path):
+        self.session, self.metadata, self.path = session, metadata, Path(path)
+        self.normalization = {"mean": float(metadata["mnist.normalization_mean"]),
+                              "std": float(metadata["mnist.normalization_std"])}
+        self.classes = json.loads(metadata["mnist.classes"])
+        self.model_name = metadata.get("mnist.model", "unknown")
+
+    def normalize(self, images):
+        import numpy as np
+        x = np.asarray(images)
+        if x.dtype == np.uint8:
+            x = x.astype(np.float32) / 255.0
+        if x.ndim == 3:
+            x = x[:, None]
+        return ((x - self.normalization["mean"]) / self.normalization["std"]).astype(np.float32)
+
+    def __call__(self, x):
+        import numpy as np
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 4 or x.shape[1:] != (1, 28, 28):
+            raise ValueError(f"expected a float32 batch of shape (N, 1, 28, 28), got {x.shape}")
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+
+
+def load_onnx_model(path, threads=None):
+    """Open an ONNX file written by export.py with ONNX Runtime (CPU). CheckpointError (one line) when it cannot."""
+    try:
+        import onnxruntime as ort
+    except ImportError as err:
+        raise CheckpointError("onnxruntime is not installed (it runs .onnx models): pip install -r "
+                              "requirements.txt") from err
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such ONNX file")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: ORT's graph-optimisation notes are not for the user
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # ORT raises its own exception types for every kind of bad file
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"{path}: ONNX Runtime cannot load it ({first[:160]})") from err
+    metadata = session.get_modelmeta().custom_metadata_map
+    names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
+    if "mnist.normalization_mean" not in metadata or names != ([INPUT_NAME], [OUTPUT_NAME]):
+        raise CheckpointError(f"{path}: not an MNIST model exported by export.py (no mnist.* metadata or other "
+                          f"inputs/outputs); export one with `python export.py --format onnx`")
+    return OnnxModel(session, metadata, path)

@@ -18,7 +18,7 @@ comparison table that is also saved as results/export/report.md:
                      torch.compile, which needs a C++ compiler where the model runs.
 
 Both ONNX files say how to feed them in their metadata (normalisation mean and std, classes), and
-load_onnx_model() below is the one way this project runs them (predict.py uses it for .onnx files).
+cnn_pytorch.load_onnx_model() is the one way this project runs them (predict.py uses it for .onnx files).
 """
 import argparse
 import contextlib
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 import data_loader
-from cnn_pytorch import CheckpointError, OneLineParser, load_checkpoint
+from cnn_pytorch import INPUT_NAME, OUTPUT_NAME, CheckpointError, OneLineParser, load_checkpoint, load_onnx_model
 
 PROJECT_DIR = Path(__file__).resolve().parent
 
@@ -50,7 +50,6 @@ FORMAT_ALIASES = {"torchscript": "pt2"}
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # exporter, its ONNX writer, the runtime and quantiser
 NEEDS = {"pt2": (), "onnx": ONNX_PACKAGES, "int8": ONNX_PACKAGES}
 ONNX_OPSET = 18  # runs on ONNX Runtime 1.14+ (and its web and mobile builds); torch's default, 20, needs 1.17+
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
 class ExportError(Exception):
@@ -246,58 +245,6 @@ def load_program(path):
     return run
 
 
-class OnnxModel:
-    """An exported ONNX model run by ONNX Runtime: call it on normalised float32 (N, 1, 28, 28), get logits (N, C).
-
-    `normalization` ({"mean", "std"}) and `classes` come from the file's own metadata, so the file is all that a
-    deployment needs; `normalize()` turns uint8 (N, 28, 28) or [0, 1] float (N, 1, 28, 28) images into the input.
-    """
-
-    def __init__(self, session, metadata, path):
-        self.session, self.metadata, self.path = session, metadata, Path(path)
-        self.normalization = {"mean": float(metadata["mnist.normalization_mean"]),
-                              "std": float(metadata["mnist.normalization_std"])}
-        self.classes = json.loads(metadata["mnist.classes"])
-        self.model_name = metadata.get("mnist.model", "unknown")
-
-    def normalize(self, images):
-        x = np.asarray(images)
-        if x.dtype == np.uint8:
-            x = x.astype(np.float32) / 255.0
-        if x.ndim == 3:
-            x = x[:, None]
-        return ((x - self.normalization["mean"]) / self.normalization["std"]).astype(np.float32)
-
-    def __call__(self, x):
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.ndim != 4 or x.shape[1:] != (1, 28, 28):
-            raise ValueError(f"expected a float32 batch of shape (N, 1, 28, 28), got {x.shape}")
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
-
-
-def load_onnx_model(path, threads=None):
-    """Open an ONNX file written by export.py with ONNX Runtime (CPU). ExportError (one line) when it cannot."""
-    ort = require("onnxruntime", "it runs .onnx models")
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"{path}: no such ONNX file")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: ORT's graph-optimisation notes are not for the user
-    if threads:
-        options.intra_op_num_threads = threads
-    try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as err:  # ORT raises its own exception types for every kind of bad file
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ExportError(f"{path}: ONNX Runtime cannot load it ({first[:160]})") from err
-    metadata = session.get_modelmeta().custom_metadata_map
-    names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
-    if "mnist.normalization_mean" not in metadata or names != ([INPUT_NAME], [OUTPUT_NAME]):
-        raise ExportError(f"{path}: not an MNIST model exported by export.py (no mnist.* metadata or other "
-                          f"inputs/outputs); export one with `python export.py --format onnx`")
-    return OnnxModel(session, metadata, path)
-
-
 # ---------------------------------------------------------------------------------------------- measuring
 
 def predict_logits(run, images, batch_size=500):
@@ -452,7 +399,7 @@ def main(argv=None):
                                                   load_onnx_model(path, args.threads), images, labels, reference,
                                                   args.bench_seconds)})
             print(f"wrote {path}")
-    except ExportError as err:
+    except (ExportError, CheckpointError) as err:
         return fail(str(err), 1)
 
     checks = verify(rows, n)

@@ -16,11 +16,10 @@ from pathlib import Path
 import torch
 
 import data_loader
-from cnn_pytorch import MODELS, CheckpointError, OneLineParser, load_checkpoint, pick_device
+from cnn_pytorch import (DEFAULT_MODEL, MODELS, PRETRAINED_MODEL, CheckpointError, OneLineParser, default_model_path,
+                         load_checkpoint, load_onnx_model, pick_device)
 
 PROJECT_DIR = Path(__file__).resolve().parent
-DEFAULT_MODEL = PROJECT_DIR / "results" / "best_model_simple_pt.pth"
-PRETRAINED_MODEL = PROJECT_DIR / "pretrained" / "best_model_simple_pt.pth"
 GLOB_CHARS = set("*?[")
 BAR_WIDTH = 30
 LOW_CONFIDENCE = 0.6
@@ -68,16 +67,6 @@ def check_args(parser, args):
             parser.error(f"cannot create --save_preprocessed folder {out} ({err.strerror})")
         if not os.access(out, os.W_OK):
             parser.error(f"cannot write to --save_preprocessed folder {out}")
-
-
-def default_model_path():
-    """results/best_model_simple_pt.pth, else the newest results/best_model_*.pth, else the shipped model."""
-    if DEFAULT_MODEL.is_file():
-        return DEFAULT_MODEL
-    trained = sorted(DEFAULT_MODEL.parent.glob("best_model_*.pth"), key=lambda p: p.stat().st_mtime)
-    if trained:
-        return trained[-1]
-    return PRETRAINED_MODEL
 
 
 def list_folder(folder, suffixes):
@@ -139,6 +128,18 @@ def format_result(path, probs, args):
     return lines
 
 
+def load_model(path, device, expected_model):
+    """A checkpoint of ours, or an .onnx file from export.py run by ONNX Runtime: (batch -> logits, info)."""
+    if Path(path).suffix.lower() != ".onnx":
+        return load_checkpoint(path, device, expected_model=expected_model)
+    onnx_model = load_onnx_model(path)
+    if expected_model is not None and expected_model != onnx_model.model_name:
+        raise CheckpointError(f"{path}: holds a {onnx_model.model_name!r} model, not {expected_model!r}; drop "
+                              f"--model_type or pass the matching one")
+    info = {"model": onnx_model.model_name, "normalization": onnx_model.normalization}
+    return (lambda batch: torch.from_numpy(onnx_model(batch.cpu().numpy()))), info
+
+
 def predict_chunk(model, device, chunk, mean, std, out_dir, used_names):
     """[(path, error or None)] -> [(path, ten probabilities or None, error or None)], in the same order.
 
@@ -194,7 +195,7 @@ def main(argv=None):
               f"exists; train one with `python train_pytorch.py` or pass --model_path", file=sys.stderr)
         return 2
     try:
-        model, ckpt = load_checkpoint(model_path, device, expected_model=args.model_type)
+        model, ckpt = load_model(model_path, device, args.model_type)
     except CheckpointError as err:
         print(f"predict.py: error: {err}", file=sys.stderr)
         return 2

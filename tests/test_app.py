@@ -241,22 +241,6 @@ def test_bad_flags_and_checkpoints_fail_in_one_line(capsys, tmp_path, app_model)
         assert "cannot listen" in one_line_exit_2(capsys, ["--model_path", str(app_model), "--port", str(port)])
 
 
-def test_default_model_path_prefers_results_then_pretrained(tmp_path, monkeypatch):
-    import app
-    monkeypatch.setattr(app, "DEFAULT_MODEL", tmp_path / "results" / "best_model_simple_pt.pth")
-    monkeypatch.setattr(app, "PRETRAINED_MODEL", tmp_path / "pretrained" / "best_model_simple_pt.pth")
-    assert app.default_model_path() == app.PRETRAINED_MODEL
-    (tmp_path / "results").mkdir()
-    older, newer = tmp_path / "results" / "best_model_a_pt.pth", tmp_path / "results" / "best_model_b_pt.pth"
-    older.write_bytes(b"")
-    newer.write_bytes(b"")
-    os.utime(older, (1, 1))
-    assert app.default_model_path() == newer
-    app.DEFAULT_MODEL.write_bytes(b"")
-    os.utime(app.DEFAULT_MODEL, (1, 1))
-    assert app.default_model_path() == app.DEFAULT_MODEL
-
-
 # ---- the page, in a real browser ------------------------------------------------------------------------------
 
 def skeleton(ink):

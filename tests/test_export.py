@@ -12,7 +12,7 @@ import torch
 
 import data_loader
 import export
-from cnn_pytorch import MODELS, build_model, load_checkpoint, save_checkpoint
+from cnn_pytorch import MODELS, CheckpointError, build_model, load_checkpoint, save_checkpoint
 
 N_EVAL = 2000  # test images checked here; the export command itself checks all 10,000 by default
 
@@ -210,9 +210,34 @@ def test_load_onnx_model_refuses_what_it_cannot_run(tmp_path, monkeypatch):
     (tmp_path / "garbage.onnx").write_bytes(b"\x00not onnx at all")
     for name, phrase in (("foreign.onnx", "not an MNIST model exported by export.py"),
                          ("garbage.onnx", "ONNX Runtime cannot load it"), ("missing.onnx", "no such ONNX file")):
-        with pytest.raises(export.ExportError, match=phrase) as err:
+        with pytest.raises(CheckpointError, match=phrase) as err:
             export.load_onnx_model(tmp_path / name)
         assert "\n" not in str(err.value)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    with pytest.raises(export.ExportError, match="onnxruntime is not installed"):
+    with pytest.raises(CheckpointError, match="onnxruntime is not installed"):
         export.load_onnx_model(tmp_path / "foreign.onnx")
+
+
+def test_predict_runs_an_exported_onnx_model_like_the_checkpoint(exported, small_checkpoint, mnist_splits, tmp_path,
+                                                                 capsys):
+    """predict.py --model_path model.onnx: same preprocessing, same answers, same output format."""
+    from PIL import Image
+
+    import predict
+    images, _ = mnist_splits["test"]
+    paths = []
+    for i in range(20):
+        path = tmp_path / f"digit_{i}.png"
+        Image.fromarray(255 - images[i].numpy()).resize((112, 112)).save(path)  # dark on white, enlarged
+        paths.append(str(path))
+    answers = {}
+    for model_path in (small_checkpoint, exported / "simple.onnx"):
+        assert predict.main(["--image_path", *paths, "--model_path", str(model_path), "--json"]) == 0
+        rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        answers[model_path] = rows
+    pth, onnx = answers.values()
+    assert [r["prediction"] for r in pth] == [r["prediction"] for r in onnx]
+    assert max(abs(a - b) for r, s in zip(pth, onnx) for a, b in zip(r["probabilities"], s["probabilities"])) < 1e-4
+    assert predict.main(["--image_path", paths[0], "--model_path", str(exported / "simple.onnx"),
+                         "--model_type", "improved"]) == 2
+    assert "not 'improved'" in capsys.readouterr().err

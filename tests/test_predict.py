@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import data_loader
+import cnn_pytorch
 import predict
 from cnn_pytorch import load_checkpoint
 
@@ -324,8 +325,8 @@ def test_bad_flags_are_one_line_and_exit_2(argv, capsys):
 def test_default_model_order(tmp_path, monkeypatch):
     results, shipped = tmp_path / "results", tmp_path / "pretrained" / "best_model_simple_pt.pth"
     results.mkdir()
-    monkeypatch.setattr(predict, "DEFAULT_MODEL", results / "best_model_simple_pt.pth")
-    monkeypatch.setattr(predict, "PRETRAINED_MODEL", shipped)
+    monkeypatch.setattr(cnn_pytorch, "DEFAULT_MODEL", results / "best_model_simple_pt.pth")
+    monkeypatch.setattr(cnn_pytorch, "PRETRAINED_MODEL", shipped)
     assert predict.default_model_path() == shipped
     (results / "best_model_improved_pt.pth").write_bytes(b"x")
     os.utime(results / "best_model_improved_pt.pth", (1, 1))

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from cnn_pytorch import (DEFAULT_MODEL, PRETRAINED_MODEL, CheckpointError, OneLineParser, default_model_path,
+from cnn_pytorch import (CheckpointError, OneLineParser, model_path_or_default,
                          load_checkpoint, pick_device)
 from data_loader import ImageError, NoDigitError, WORK_MAX, image_to_mnist, mnist_to_image
 
@@ -281,12 +281,8 @@ def main(argv=None):
         device = pick_device(args.device)
     except ValueError as err:
         parser.error(str(err))
-    model_path = Path(args.model_path) if args.model_path else default_model_path()
-    if not args.model_path and not model_path.is_file():
-        print(f"app.py: error: no trained model: neither {DEFAULT_MODEL} nor the shipped {PRETRAINED_MODEL} "
-              f"exists; train one with `python train_pytorch.py` or pass --model_path", file=sys.stderr)
-        return 2
     try:
+        model_path = model_path_or_default(args.model_path)
         predictor = Predictor(model_path, device)
     except CheckpointError as err:
         print(f"app.py: error: {err}", file=sys.stderr)

@@ -193,6 +193,17 @@ def default_model_path():
     return trained[-1] if trained else PRETRAINED_MODEL
 
 
+def model_path_or_default(path=None):
+    """The model file a command should use: the one given, else default_model_path(), which must exist."""
+    if path:
+        return Path(path)
+    found = default_model_path()
+    if not found.is_file():
+        raise CheckpointError(f"no trained model: neither {DEFAULT_MODEL} nor the shipped {PRETRAINED_MODEL} exists; "
+                              f"train one with `python train_pytorch.py` or pass --model_path")
+    return found
+
+
 # Shared by every command: flags that fail in one line, the device choice, batched inference.
 
 class OneLineParser(argparse.ArgumentParser):

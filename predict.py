@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 import data_loader
-from cnn_pytorch import (DEFAULT_MODEL, MODELS, PRETRAINED_MODEL, CheckpointError, OneLineParser, default_model_path,
+from cnn_pytorch import (MODELS, CheckpointError, OneLineParser, model_path_or_default,
                          load_checkpoint, load_onnx_model, pick_device)
 
 PROJECT_DIR = Path(__file__).resolve().parent
@@ -189,12 +189,8 @@ def main(argv=None):
         device = pick_device(args.device)
     except ValueError as err:
         parser.error(str(err))
-    model_path = Path(args.model_path) if args.model_path else default_model_path()
-    if not args.model_path and not model_path.is_file():
-        print(f"predict.py: error: no trained model: neither {DEFAULT_MODEL} nor the shipped {PRETRAINED_MODEL} "
-              f"exists; train one with `python train_pytorch.py` or pass --model_path", file=sys.stderr)
-        return 2
     try:
+        model_path = model_path_or_default(args.model_path)
         model, ckpt = load_model(model_path, device, args.model_type)
     except CheckpointError as err:
         print(f"predict.py: error: {err}", file=sys.stderr)

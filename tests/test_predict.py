@@ -327,13 +327,13 @@ def test_default_model_order(tmp_path, monkeypatch):
     results.mkdir()
     monkeypatch.setattr(cnn_pytorch, "DEFAULT_MODEL", results / "best_model_simple_pt.pth")
     monkeypatch.setattr(cnn_pytorch, "PRETRAINED_MODEL", shipped)
-    assert predict.default_model_path() == shipped
+    assert cnn_pytorch.default_model_path() == shipped
     (results / "best_model_improved_pt.pth").write_bytes(b"x")
     os.utime(results / "best_model_improved_pt.pth", (1, 1))
     (results / "best_model_wide_pt.pth").write_bytes(b"x")
-    assert predict.default_model_path() == results / "best_model_wide_pt.pth"
+    assert cnn_pytorch.default_model_path() == results / "best_model_wide_pt.pth"
     (results / "best_model_simple_pt.pth").write_bytes(b"x")
-    assert predict.default_model_path() == results / "best_model_simple_pt.pth"
+    assert cnn_pytorch.default_model_path() == results / "best_model_simple_pt.pth"
 
 
 def test_command_line_from_another_folder(pictures, tmp_path):

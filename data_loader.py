@@ -35,20 +35,20 @@ class DataError(Exception):
     """A problem with the dataset on disk, phrased for the person who has to fix it."""
 
 
-def _md5(path):
-    digest = hashlib.md5()
+def _digest(path, algorithm):
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _md5(path):
+    return _digest(path, "md5")
 
 
 def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return _digest(path, "sha256")
 
 
 def _read_sha256sums(raw_dir):
@@ -111,6 +111,19 @@ def check_mnist(data_dir=DEFAULT_DATA_DIR):
         raise DataError(f"MNIST is incomplete: {', '.join(missing)} missing from {raw_dir}; restore them with "
                         f"`git checkout -- data/MNIST/raw`")
     return raw_dir
+
+
+def verify_shipped(data_dir=DEFAULT_DATA_DIR):
+    """The shipped .gz files against SHA256SUMS, even when the unpacked files are fine (a damaged copy in git).
+
+    check_mnist() only reads a .gz when it has to unpack it; this reads them all. Raises DataError naming the file.
+    """
+    raw_dir = Path(data_dir) / "MNIST" / "raw"
+    for name, expected in _read_sha256sums(raw_dir).items():
+        path = raw_dir / name
+        if path.is_file() and _sha256(path) != expected:
+            raise DataError(f"{path} is corrupted (sha256 differs from SHA256SUMS); restore it with "
+                            f"`git checkout -- data/MNIST/raw/{name}`")
 
 
 def ensure_mnist(data_dir=DEFAULT_DATA_DIR):

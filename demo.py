@@ -10,7 +10,6 @@ About 15 s on a 2-core CPU.
 Only the standard library is imported up here: with torch missing, the checklist must still run and say so.
 """
 import argparse
-import hashlib
 import importlib
 import importlib.metadata
 import itertools
@@ -231,34 +230,18 @@ def describe_compute(device):
     return f"{found}; {using}", None
 
 
-def verify_shipped_sums(raw_dir):
-    """The shipped .gz files against SHA256SUMS, even when the unpacked files are fine (a damaged copy in git)."""
-    sums_file = raw_dir / "SHA256SUMS"
-    if not sums_file.is_file():
-        return
-    for line in sums_file.read_text().splitlines():
-        parts = line.split()
-        if len(parts) != 2:
-            continue
-        expected, name = parts[0], parts[1].lstrip("*")
-        path = raw_dir / name
-        if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() != expected:
-            raise Failed(f"{path} is corrupted (sha256 differs from SHA256SUMS)",
-                         f"restore it: git checkout -- data/MNIST/raw/{name}")
-
-
 def check_data(data_dir, device):
     import data_loader
     raw_dir = Path(data_dir) / "MNIST" / "raw"
     try:
         found = data_loader.check_mnist(data_dir)  # checksums, and unpacks the shipped .gz files
+        data_loader.verify_shipped(data_dir)
     except data_loader.DataError as err:
         problem, _, fix = str(err).partition("; ")
         raise Failed(problem, fix or "restore the shipped copy: git checkout -- data/MNIST/raw") from None
     if found is None:
         raise Failed(f"MNIST is not in {raw_dir}", "restore the shipped copy: git checkout -- data/MNIST/raw "
                      "(or let `python train_pytorch.py` download it)")
-    verify_shipped_sums(raw_dir)
     splits = data_loader.get_splits(data_dir, device=device)
     n_train = len(splits["train"][0]) + len(splits["val"][0])
     n_test = len(splits["test"][0])

@@ -111,3 +111,12 @@ def test_one_missing_archive_is_named(data_copy):
     (data_copy / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").unlink()
     with pytest.raises(DataError, match="train-images-idx3-ubyte.gz missing"):
         data_loader.check_mnist(data_copy)
+
+
+def test_a_damaged_archive_is_found_even_after_unpacking(data_copy):
+    data_loader.check_mnist(data_copy)
+    gz = data_copy / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz"
+    gz.write_bytes(gz.read_bytes()[:-10])
+    data_loader.check_mnist(data_copy)  # the unpacked files are still right: check_mnist does not reread the .gz
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte.gz is corrupted.*git checkout"):
+        data_loader.verify_shipped(data_copy)

@@ -1,0 +1,34 @@
+"""benchmark.py: the time-to-accuracy rule, and one small end-to-end run through the real training command."""
+import json
+
+import pytest
+
+import benchmark
+
+
+def run(epochs, seed, acc, secs):
+    return {"epochs": epochs, "seed": seed, "test_accuracy": acc, "training_seconds": secs,
+            "images_per_second": 1000.0}
+
+
+def test_time_to_a_mark_is_the_shortest_budget_whose_mean_reaches_it():
+    runs = [run(1, 0, 0.991, 10), run(1, 1, 0.987, 12),   # mean 98.9%: does not reach 99.0%
+            run(3, 0, 0.993, 30), run(3, 1, 0.992, 32)]   # mean 99.25%
+    s = benchmark.summarise("simple", runs, [0.99, 0.995])
+    assert s["time_to"] == {"99.0%": 31, "99.5%": None}
+    first = s["budgets"][0]
+    assert first["epochs"] == 1 and first["test_accuracy_mean"] == pytest.approx(0.989)
+    assert first["test_accuracy_std"] == pytest.approx(0.0028284, abs=1e-6)
+
+
+def test_a_small_benchmark_writes_json_and_markdown(tmp_path, capsys):
+    code = benchmark.main(["--models", "simple", "--epochs", "1", "--seeds", "2", "--no_baseline", "--device", "cpu",
+                           "--extra", "--train_subset 2000", "--out", str(tmp_path)])
+    assert code == 0
+    result = json.loads((tmp_path / "benchmark.json").read_text())
+    (simple,) = result["models"]
+    assert [r["seed"] for r in simple["runs"]] == [0, 1]
+    assert all(0.8 < r["test_accuracy"] < 1 and r["training_seconds"] > 0 for r in simple["runs"])
+    assert simple["inference"]["latency_ms_batch1"] > 0
+    table = (tmp_path / "benchmark.md").read_text()
+    assert "| simple | 1 | 2 |" in table and result["machine"]["cpu_cores"] >= 1

@@ -179,8 +179,8 @@ def summarise(model, runs, marks):
 def write_markdown(result, path):
     m = result["machine"]
     lines = [f"# Benchmark: {result['date']}", "",
-             f"Machine: {m.get('gpu', m['cpu'])} | CPU {m['cpu']}, {m['cpu_cores']} cores, {m['torch_threads']} "
-             f"torch threads | torch {m['torch']} | device {m['device']}", "",
+             f"Machine: {'GPU ' + m['gpu'] + ' | ' if 'gpu' in m else ''}CPU {m['cpu']}, {m['cpu_cores']} cores, "
+             f"{m['torch_threads']} torch threads | torch {m['torch']} | device {m['device']}", "",
              f"Command: `{result['command']}`", "",
              "| model | epochs | seeds | test accuracy (mean +- std) | training s (mean) | s/epoch | images/s |",
              "|---|---|---|---|---|---|---|"]

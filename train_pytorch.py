@@ -120,10 +120,11 @@ def make_scheduler(args, optimizer, steps_per_epoch, lr_scale=1.0):
     """Returns (scheduler or None, whether it steps every batch)."""
     total = args.epochs * steps_per_epoch
     if args.scheduler == "onecycle":
-        peak = max(args.max_lr, args.learning_rate) * lr_scale
+        base = args.learning_rate * lr_scale
+        peak = max(args.max_lr * lr_scale, base)
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=peak, total_steps=total, pct_start=0.15, div_factor=max(args.max_lr, args.learning_rate) / args.learning_rate,
-            final_div_factor=1e3, cycle_momentum=args.optimizer == "sgd"), True
+            optimizer, max_lr=peak, total_steps=total, pct_start=0.15, div_factor=peak / base, final_div_factor=1e3,
+            cycle_momentum=args.optimizer == "sgd"), True
     if args.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total), True
     if args.scheduler == "step":
@@ -136,8 +137,8 @@ def make_scheduler(args, optimizer, steps_per_epoch, lr_scale=1.0):
 class Dist:
     """Where this process stands in a torchrun launch; a plain run is rank 0 of 1."""
 
-    def __init__(self, rank=0, world=1, local_rank=0):
-        self.rank, self.world, self.local_rank = rank, world, local_rank
+    def __init__(self, device, rank=0, world=1, local_rank=0):
+        self.device, self.rank, self.world, self.local_rank = device, rank, world, local_rank
         self.is_main = rank == 0
         self.enabled = world > 1
 
@@ -160,22 +161,19 @@ class Dist:
 def setup_distributed(args):
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: then join the process group (NCCL on CUDA, Gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        dist = Dist()
-        dist.device = torch.device(args.device)
-        return dist
-    from datetime import timedelta
-    dist = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     device = torch.device(args.device)
+    if world <= 1:
+        return Dist(device)
+    from datetime import timedelta
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)  # one process per GPU
+        device = torch.device("cuda", local_rank)  # one process per GPU
         torch.cuda.set_device(device)
         args.device = str(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     # A finite timeout: if a rank dies, the others give up with a message instead of waiting forever.
     torch.distributed.init_process_group(backend, timeout=timedelta(seconds=args.dist_timeout))
-    dist.device = device
-    return dist
+    return Dist(device, rank, world, local_rank)
 
 
 def train_one_epoch(model, batches, optimizer, scheduler, per_batch, ctx, bar, dist, max_steps=None):
@@ -228,13 +226,13 @@ def gather_probs(model, images, ctx, dist):
 
 def evaluate(model, images, labels, ctx, dist=None, max_batches=None):
     """(mean cross-entropy, accuracy) of the model on one split, summed over ranks when distributed."""
-    dist = dist or Dist()
+    dist = dist or Dist(images.device)
     rank, world = dist.rank, dist.world
     probs = predict_probs(unwrap(model), images[rank::world], ctx, max_batches=max_batches)
     labels = labels[rank::world][:len(probs)]
     nll = F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum").item()
     correct = (probs.argmax(1) == labels).sum().item()
-    nll, correct, count = dist.sum(nll, correct, len(labels)) if dist.enabled else (nll, correct, len(labels))
+    nll, correct, count = dist.sum(nll, correct, len(labels))
     return nll / count, correct / count
 
 

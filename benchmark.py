@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -33,6 +34,7 @@ TRAIN_SCRIPT = PROJECT_DIR / "train_pytorch.py"
 BUDGETS = {"tiny": [1, 2], "simple": [1, 3, 10], "improved": [3, 10]}
 QUICK_BUDGETS = {"tiny": [1], "simple": [1], "improved": [1]}
 MARKS = {"tiny": [0.99], "simple": [0.99, 0.993], "improved": [0.99, 0.995]}
+MODEL_FLAGS = {"tiny": ["--preset", "fast"]}  # the recipe each model is meant to be trained with
 
 
 def parse_args(argv=None):
@@ -72,7 +74,8 @@ def train_once(model, epochs, seed, device, extra, work):
     """One real training run through the training command; returns its report (training seconds, accuracy)."""
     save_dir = Path(work) / f"{model}_e{epochs}_s{seed}"
     cmd = [sys.executable, str(TRAIN_SCRIPT), "--model", model, "--epochs", str(epochs), "--seed", str(seed),
-           "--device", str(device), "--save_dir", str(save_dir), "--no_progress", "--patience", "0", *extra]
+           "--device", str(device), "--save_dir", str(save_dir), "--no_progress", "--patience", "0",
+           *MODEL_FLAGS.get(model, []), *extra]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[1:])} failed: {result.stderr.strip().splitlines()[-1:]}")
@@ -229,7 +232,7 @@ def main(argv=None):
     except OSError as err:
         parser.error(f"cannot write to --out {out} ({err.strerror})")
 
-    result = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(["python benchmark.py", *sys.argv[1:]]),
+    result = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": "python benchmark.py " + shlex.join(sys.argv[1:]),
               "machine": machine_info(device), "models": []}
     with tempfile.TemporaryDirectory() as work:
         if not args.no_baseline:

@@ -8,7 +8,7 @@ import torch
 from cnn_pytorch import (MODELS, CheckpointError, build_model, count_parameters, load_checkpoint, read_checkpoint,
                          save_checkpoint)
 
-PARAM_RANGE = {"simple": (1.1e6, 1.3e6), "improved": (2.3e6, 2.7e6)}
+PARAM_RANGE = {"simple": (1.1e6, 1.3e6), "improved": (2.3e6, 2.7e6), "tiny": (2e4, 4e4)}
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -134,3 +134,12 @@ def test_one_epoch_on_full_mnist_on_the_cpu_reaches_98_8_percent(tmp_path):
     ckpt = torch.load(tmp_path / "best_model_simple_pt.pth", weights_only=True)
     print(result.stdout)
     assert ckpt["test_accuracy"] >= 0.988
+
+
+def test_fast_preset_trains_the_tiny_model_to_99_percent_in_one_epoch(tmp_path):
+    """--preset fast: the record-speed recipe, on the full training set (its speed is benchmark.py's business)."""
+    result = run("--preset", "fast", "--device", "cpu", "--no_progress", "--save_dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    ckpt = torch.load(tmp_path / "best_model_tiny_pt.pth", weights_only=True)
+    assert ckpt["model"] == "tiny" and ckpt["epoch"] == 1 and ckpt["args"]["augment"] is False
+    assert ckpt["test_accuracy"] >= 0.99

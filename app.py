@@ -39,7 +39,7 @@ from PIL import Image, UnidentifiedImageError
 
 from cnn_pytorch import (CheckpointError, OneLineParser, model_path_or_default,
                          load_checkpoint, pick_device)
-from data_loader import ImageError, NoDigitError, WORK_MAX, image_to_mnist, mnist_to_image
+from data_loader import ImageError, NoDigitError, image_to_mnist, mnist_to_image
 
 PROJECT_DIR = Path(__file__).resolve().parent
 PAGE = PROJECT_DIR / "static" / "index.html"
@@ -94,11 +94,7 @@ class Predictor:
         if img.width * img.height > MAX_PIXELS:
             raise TooLarge(f"picture of {img.width}x{img.height} pixels: at most {MAX_PIXELS // 1_000_000} "
                            f"megapixels")
-        try:
-            img.draft("L", (WORK_MAX, WORK_MAX))  # JPEG only: decode big photos at a fraction of the size, fast
-        except Exception:  # a hint only, as in data_loader.open_image
-            pass
-        x = image_to_mnist(img, self.mean, self.std)
+        x = image_to_mnist(img, self.mean, self.std)  # decodes it (big JPEGs at a reduced scale, as for files)
         with self.lock, torch.inference_mode():
             probs = self.model(x.unsqueeze(0).to(self.device)).float().softmax(1)[0].cpu().tolist()
         best = max(range(10), key=lambda d: probs[d])

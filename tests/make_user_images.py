@@ -41,8 +41,9 @@ def _upscale(digit, height, rng):
     return np.clip((a - 0.35) * 4.0, 0.0, 1.0)
 
 
-def _thin(binary):
-    """Zhang-Suen thinning to a one-pixel skeleton (vectorised; only used to make the thin-stroke kind)."""
+def thin(binary):
+    """Zhang-Suen thinning to a one-pixel skeleton, vectorised: the thin-stroke kind here, the pen strokes of
+    tests/test_app.py there (scikit-image would do it too, but is not worth a dependency for two test helpers)."""
     b = binary.astype(np.int32)
     while True:
         changed = False
@@ -120,7 +121,7 @@ def make_one(kind, digit, rng):
     if kind == "thin_stroke":
         side = int(rng.integers(280, 620))
         size = int(side * rng.uniform(0.45, 0.9))
-        skeleton = _thin(_upscale(digit, size // 2, rng) > 0.5)  # thin at half size, draw at full size
+        skeleton = thin(_upscale(digit, size // 2, rng) > 0.5)  # thin at half size, draw at full size
         pen = int(rng.integers(2, 6))
         stroke = Image.fromarray((skeleton * 255).astype(np.uint8), "L").resize((size, size),
                                                                               Image.Resampling.NEAREST)

@@ -26,6 +26,8 @@ import pytest
 import torch
 from PIL import Image
 
+from make_user_images import thin  # tests/ is on the path: pytest puts a test file's folder there
+
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "app.py"
 PRETRAINED = ROOT / "pretrained" / "best_model_simple_pt.pth"
@@ -243,35 +245,13 @@ def test_bad_flags_and_checkpoints_fail_in_one_line(capsys, tmp_path, app_model)
 
 # ---- the page, in a real browser ------------------------------------------------------------------------------
 
-def skeleton(ink):
-    """Zhang-Suen thinning of a boolean image: the one-pixel centre lines a pen would follow."""
-    ink = ink.astype(np.uint8)
-    while True:
-        changed = False
-        for step in (0, 1):
-            p = np.pad(ink, 1)  # neighbours P2..P9, clockwise from north
-            n = [p[:-2, 1:-1], p[:-2, 2:], p[1:-1, 2:], p[2:, 2:], p[2:, 1:-1], p[2:, :-2], p[1:-1, :-2], p[:-2, :-2]]
-            count = sum(n)
-            turns = sum((n[i] == 0) & (n[(i + 1) % 8] == 1) for i in range(8))
-            if step == 0:
-                side = (n[0] * n[2] * n[4] == 0) & (n[2] * n[4] * n[6] == 0)
-            else:
-                side = (n[0] * n[2] * n[6] == 0) & (n[0] * n[4] * n[6] == 0)
-            drop = (ink == 1) & (count >= 2) & (count <= 6) & (turns == 1) & side
-            if drop.any():
-                ink[drop] = 0
-                changed = True
-        if not changed:
-            return ink.astype(bool)
-
-
 def strokes(digit):
     """The digit's skeleton as pen strokes: lists of (row, col), each step to a neighbouring pixel.
 
     A walk over the skeleton's pixel graph: from the loose ends first, each stroke follows edges not drawn yet
     until it runs out; what is left (loops) is walked from anywhere. A lone pixel is a dot.
     """
-    on = set(zip(*[a.tolist() for a in np.nonzero(skeleton(digit > 128))]))
+    on = set(zip(*[a.tolist() for a in np.nonzero(thin(digit > 128))]))
     near = {(r, c): sorted((r + dr, c + dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1)
                            if (dr or dc) and (r + dr, c + dc) in on) for r, c in on}
     drawn, paths = set(), []

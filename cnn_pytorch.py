@@ -190,12 +190,17 @@ def read_checkpoint(path):
     return ckpt
 
 
+def check_model_type(path, found, expected):
+    """--model_type guards against the wrong file: a mismatch is an error, never a silent rebuild."""
+    if expected is not None and expected != found:
+        raise CheckpointError(f"{path}: holds a {found!r} model, not {expected!r}; drop --model_type or pass the "
+                              f"matching one")
+
+
 def load_checkpoint(path, device="cpu", expected_model=None):
     """Rebuild the model of a checkpoint in eval mode on `device`: returns (model, checkpoint dict)."""
     ckpt = read_checkpoint(path)
-    if expected_model is not None and expected_model != ckpt["model"]:
-        raise CheckpointError(f"{path}: holds a {ckpt['model']!r} model, not {expected_model!r}; drop "
-                              f"--model_type or pass the matching one")
+    check_model_type(path, ckpt["model"], expected_model)
     model = build_model(ckpt["model"], **ckpt.get("model_args", {}))
     try:
         model.load_state_dict(ckpt["state_dict"])

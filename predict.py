@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 import data_loader
-from cnn_pytorch import (MODELS, CheckpointError, OneLineParser, model_path_or_default,
-                         load_checkpoint, load_onnx_model, pick_device)
+from cnn_pytorch import (MODELS, CheckpointError, OneLineParser, check_model_type, load_checkpoint, load_onnx_model,
+                         model_path_or_default, pick_device)
 
 PROJECT_DIR = Path(__file__).resolve().parent
 GLOB_CHARS = set("*?[")
@@ -133,9 +133,7 @@ def load_model(path, device, expected_model):
     if Path(path).suffix.lower() != ".onnx":
         return load_checkpoint(path, device, expected_model=expected_model)
     onnx_model = load_onnx_model(path)
-    if expected_model is not None and expected_model != onnx_model.model_name:
-        raise CheckpointError(f"{path}: holds a {onnx_model.model_name!r} model, not {expected_model!r}; drop "
-                              f"--model_type or pass the matching one")
+    check_model_type(path, onnx_model.model_name, expected_model)
     info = {"model": onnx_model.model_name, "normalization": onnx_model.normalization}
     return (lambda batch: torch.from_numpy(onnx_model(batch.cpu().numpy()))), info
 

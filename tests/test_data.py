@@ -34,17 +34,33 @@ def test_validation_split_is_disjoint_complete_and_fixed_by_the_seed():
     assert torch.equal(val, val_again) and not torch.equal(val, val_other)
 
 
-def test_augmentation_differs_per_sample_and_keeps_the_shape():
+@pytest.mark.parametrize("strength, ink_change", [("standard", 0.35), ("strong", 0.5)])
+def test_augmentation_differs_per_sample_and_keeps_the_shape(strength, ink_change):
     torch.manual_seed(0)
     digit = data_loader.load_mnist()["train"][0][0].float().div(255)
     batch = digit.expand(16, 1, 28, 28).clone()
-    out = random_affine(batch)
+    out = random_affine(batch, **data_loader.AUGMENTATIONS[strength])
     assert out.shape == batch.shape
     diffs = [(out[i] - out[0]).abs().sum().item() for i in range(1, 16)]
     assert min(diffs) > 1.0, "two samples got the same warp"
     # Small warps: the digit keeps most of its ink and stays in [0, 1].
     assert out.min() >= 0 and out.max() <= 1
-    assert (out.sum(dim=(1, 2, 3)) / batch[0].sum()).sub(1).abs().max() < 0.35
+    assert (out.sum(dim=(1, 2, 3)) / batch[0].sum()).sub(1).abs().max() < ink_change
+
+
+def test_elastic_distortion_alone_bends_strokes_a_little_and_differently_per_image():
+    torch.manual_seed(0)
+    digit = data_loader.load_mnist()["train"][0][0].float().div(255)
+    batch = digit.expand(8, 1, 28, 28).clone()
+    out = random_affine(batch, degrees=0, translate=0, scale=(1, 1), elastic=34.0, elastic_sigma=6.0)
+    moved = (out - batch).abs().mean(dim=(1, 2, 3))
+    assert (moved > 0.01).all() and (moved < 0.15).all()  # every image changed, none beyond recognition
+    assert not torch.allclose(out[0], out[1], atol=1e-3)
+
+
+def test_an_unknown_augmentation_name_is_refused():
+    with pytest.raises(ValueError, match="unknown augmentation 'heavy'"):
+        DeviceBatches(torch.zeros(4, 28, 28, dtype=torch.uint8), torch.zeros(4), 2, augment="heavy")
 
 
 def test_identity_affine_leaves_images_unchanged():

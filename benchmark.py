@@ -83,7 +83,8 @@ def train_once(model, epochs, seed, device, extra, work):
     found = re.search(r"\| train ([\d,]+) val", result.stdout)  # the images per epoch, from the first line
     images = int(found.group(1).replace(",", "")) if found else 0
     return {"seed": seed, "epochs": epochs, "test_accuracy": report["accuracy"],
-            "training_seconds": report["training_seconds"], "data_seconds": report.get("data_seconds"),
+            "training_seconds": report["training_seconds"], "data_seconds": report.get("data_seconds") or 0.0,
+            "compile_seconds": report.get("compile_seconds") or 0.0,
             "images_per_second": images * epochs / report["training_seconds"],
             "checkpoint": str(save_dir / f"best_model_{model}_pt.pth")}
 
@@ -171,6 +172,9 @@ def summarise(model, runs, marks):
                      "test_accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                      "training_seconds_mean": statistics.mean(secs),
                      "seconds_per_epoch": statistics.mean(secs) / epochs,
+                     # Timed apart from training: loading MNIST onto the device, and torch.compile's warm-up.
+                     "data_seconds_mean": statistics.mean(r.get("data_seconds", 0.0) for r in rs),
+                     "compile_seconds_mean": statistics.mean(r.get("compile_seconds", 0.0) for r in rs),
                      "images_per_second": statistics.mean(r["images_per_second"] for r in rs)})
     time_to = {}
     for mark in marks:
@@ -185,13 +189,15 @@ def write_markdown(result, path):
              f"Machine: {'GPU ' + m['gpu'] + ' | ' if 'gpu' in m else ''}CPU {m['cpu']}, {m['cpu_cores']} cores, "
              f"{m['torch_threads']} torch threads | torch {m['torch']} | device {m['device']}", "",
              f"Command: `{result['command']}`", "",
-             "| model | epochs | seeds | test accuracy (mean +- std) | training s (mean) | s/epoch | images/s |",
-             "|---|---|---|---|---|---|---|"]
+             "| model | epochs | seeds | test accuracy (mean +- std) | training s (mean) | s/epoch | images/s "
+             "| data loading s (apart) | compile s (apart) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for s in result["models"]:
         for row in s["budgets"]:
             lines.append(f"| {s['model']} | {row['epochs']} | {row['seeds']} | {row['test_accuracy_mean'] * 100:.2f}% "
                          f"+- {row['test_accuracy_std'] * 100:.2f} | {row['training_seconds_mean']:.1f} | "
-                         f"{row['seconds_per_epoch']:.1f} | {row['images_per_second']:,.0f} |")
+                         f"{row['seconds_per_epoch']:.1f} | {row['images_per_second']:,.0f} | "
+                         f"{row['data_seconds_mean']:.1f} | {row['compile_seconds_mean']:.1f} |")
     lines += ["", "| model | time to mark (training s) | inference latency, batch 1 | inference, batch 1,000 |",
               "|---|---|---|---|"]
     for s in result["models"]:

@@ -1,4 +1,5 @@
 """Shared fixtures: a small model trained by our own train_pytorch.py, once per test session."""
+import os
 import sys
 from pathlib import Path
 
@@ -6,6 +7,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+# The device the training tests run on: the CPU in CI; MNIST_TEST_DEVICE=cuda runs them on a GPU unchanged.
+DEVICE = os.environ.get("MNIST_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +28,7 @@ def small_run(tmp_path_factory):
     """
     import train_pytorch
     save_dir = tmp_path_factory.mktemp("small_run")
-    code = train_pytorch.main(["--model", "simple", "--epochs", "1", "--train_subset", "6000", "--device", "cpu",
+    code = train_pytorch.main(["--model", "simple", "--epochs", "1", "--train_subset", "6000", "--device", DEVICE,
                                "--save_dir", str(save_dir), "--no_progress"])
     assert code == 0
     return save_dir

@@ -4,6 +4,7 @@ import json
 import pytest
 
 import benchmark
+from conftest import DEVICE
 
 
 def run(epochs, seed, acc, secs):
@@ -22,7 +23,7 @@ def test_time_to_a_mark_is_the_shortest_budget_whose_mean_reaches_it():
 
 
 def test_a_small_benchmark_writes_json_and_markdown(tmp_path, capsys):
-    code = benchmark.main(["--models", "simple", "--epochs", "1", "--seeds", "2", "--no_baseline", "--device", "cpu",
+    code = benchmark.main(["--models", "simple", "--epochs", "1", "--seeds", "2", "--no_baseline", "--device", DEVICE,
                            "--extra", "--train_subset 2000", "--out", str(tmp_path)])
     assert code == 0
     result = json.loads((tmp_path / "benchmark.json").read_text())

@@ -245,9 +245,10 @@ def compile_warm_up(step_model, model, batches, ctx, label_smoothing):
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    n = len(batches.images) // batches.world_size
-    sizes = {min(batches.batch_size, n)} | ({n % batches.batch_size} if not batches.drop_last and n % batches.batch_size
-                                            else set())
+    n, size = len(batches.images) // batches.world_size, batches.batch_size
+    sizes = {min(size, n)}
+    if not batches.drop_last and n % size:
+        sizes.add(n % size)  # the last, smaller batch: a new shape to compile
     t = time.perf_counter()
     model.train()
     for size in sorted(sizes):

@@ -38,7 +38,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from cnn_pytorch import (CheckpointError, OneLineParser, model_path_or_default,
-                         load_checkpoint, pick_device)
+                         load_checkpoint)
 from data_loader import ImageError, NoDigitError, image_to_mnist, mnist_to_image
 
 PROJECT_DIR = Path(__file__).resolve().parent
@@ -273,10 +273,7 @@ def main(argv=None):
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be between 0 and 65535, got {args.port}")
 
-    try:
-        device = pick_device(args.device)
-    except ValueError as err:
-        parser.error(str(err))
+    device = parser.device(args.device)
     try:
         model_path = model_path_or_default(args.model_path)
         predictor = Predictor(model_path, device)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from cnn_pytorch import MODELS, OneLineParser, load_checkpoint, pick_device
+from cnn_pytorch import MODELS, OneLineParser, load_checkpoint
 
 PROJECT_DIR = Path(__file__).resolve().parent
 TRAIN_SCRIPT = PROJECT_DIR / "train_pytorch.py"
@@ -221,10 +221,7 @@ def write_markdown(result, path):
 def main(argv=None):
     parser = parse_args(argv)
     args = parser.parse_args(argv)
-    try:
-        device = pick_device(args.device)
-    except ValueError as err:
-        parser.error(str(err))
+    device = parser.device(args.device)
     models = args.models or (["simple"] if args.quick else list(MODELS))
     unknown = [m for m in models if m not in MODELS]
     if unknown:

@@ -237,6 +237,13 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
+    def device(self, name):
+        """pick_device(name), or this parser's one-line error and exit 2 for a device that is not there."""
+        try:
+            return pick_device(name)
+        except ValueError as err:
+            self.error(str(err))
+
 
 def pick_device(name):
     """auto -> cuda, then mps, then cpu. Asking for a device that is not there is an error, not a fallback."""

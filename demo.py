@@ -466,14 +466,9 @@ def parse_args(argv=None):
 
 def resolve_device(parser, name):
     """The device to check, or a one-line error and exit 2; None when torch cannot be imported at all."""
-    try:
-        from cnn_pytorch import pick_device
-    except ImportError:
+    if not hasattr(parser, "device"):  # torch could not be imported: a plain argparse parser
         return None
-    try:
-        return pick_device(name)
-    except ValueError as err:
-        parser.error(str(err))
+    return parser.device(name)
 
 
 def summary(cl, seconds):

@@ -17,7 +17,7 @@ import torch
 
 import data_loader
 from cnn_pytorch import (MODELS, CheckpointError, OneLineParser, check_model_type, load_checkpoint, load_onnx_model,
-                         model_path_or_default, pick_device)
+                         model_path_or_default)
 
 PROJECT_DIR = Path(__file__).resolve().parent
 GLOB_CHARS = set("*?[")
@@ -183,10 +183,7 @@ def main(argv=None):
     parser = parse_args(argv)
     args = parser.parse_args(argv)
     check_args(parser, args)
-    try:
-        device = pick_device(args.device)
-    except ValueError as err:
-        parser.error(str(err))
+    device = parser.device(args.device)
     try:
         model_path = model_path_or_default(args.model_path)
         model, ckpt = load_model(model_path, device, args.model_type)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 import data_loader
 from cnn_pytorch import (MODELS, CheckpointError, OneLineParser, atomic_save, build_model, count_parameters,
-                         make_checkpoint, pick_device, predict_probs, unwrap)
+                         make_checkpoint, predict_probs, unwrap)
 
 PROJECT_DIR = Path(__file__).resolve().parent
 
@@ -113,10 +113,7 @@ def check_args(parser, args):
         parser.error(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
     if args.patience < 0 or (args.train_subset is not None and args.train_subset < 1):
         parser.error("--patience must be >= 0 and --train_subset >= 1")
-    try:
-        args.device = str(pick_device(args.device))
-    except ValueError as err:
-        parser.error(str(err))
+    args.device = str(parser.device(args.device))
     save_dir = Path(args.save_dir)
     if not save_dir.is_absolute():
         save_dir = PROJECT_DIR / save_dir

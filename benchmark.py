@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from cnn_pytorch import MODELS, OneLineParser, load_checkpoint
+from cnn_pytorch import MODELS, load_checkpoint
+from common import OneLineParser, atomic_write
 
 PROJECT_DIR = Path(__file__).resolve().parent
 TRAIN_SCRIPT = PROJECT_DIR / "train_pytorch.py"
@@ -215,7 +216,8 @@ def write_markdown(result, path):
         for s in result["models"]:
             lines.append(f"- {s['model']}: {s['budgets'][0]['images_per_second'] / b['images_per_second']:.1f}x "
                          f"the baseline's training throughput")
-    Path(path).write_text("\n".join(lines) + "\n")
+    with atomic_write(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
 
 
 def main(argv=None):
@@ -229,11 +231,7 @@ def main(argv=None):
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
     seeds = 1 if args.quick else args.seeds
-    out = Path(args.out) if Path(args.out).is_absolute() else PROJECT_DIR / args.out
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        parser.error(f"cannot write to --out {out} ({err.strerror})")
+    out = parser.output_dir(args.out, "--out")
 
     result = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": "python benchmark.py " + shlex.join(sys.argv[1:]),
               "machine": machine_info(device), "models": []}
@@ -255,7 +253,8 @@ def main(argv=None):
             summary["inference"] = inference_speed(runs[-1]["checkpoint"], device)
             summary["runs"] = [{k: v for k, v in r.items() if k != "checkpoint"} for r in runs]
             result["models"].append(summary)
-    (out / "benchmark.json").write_text(json.dumps(result, indent=2) + "\n")
+    with atomic_write(out / "benchmark.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
     write_markdown(result, out / "benchmark.md")
     print((out / "benchmark.md").read_text())
     return 0

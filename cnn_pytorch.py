@@ -3,14 +3,13 @@
 Models return raw logits; the loss belongs to the training script. Each model works out its own flatten size
 from a dummy input, so changing a layer never means recomputing a magic number by hand.
 """
-import argparse
 import json
-import os
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+from common import atomic_write
 
 PROJECT_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL = PROJECT_DIR / "results" / "best_model_simple_pt.pth"
@@ -118,14 +117,9 @@ class CheckpointError(Exception):
 
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file, then os.replace: a crash never leaves half a checkpoint."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    """torch.save through common.atomic_write: a crash never leaves half a checkpoint."""
+    with atomic_write(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _plain(value):
@@ -147,25 +141,28 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
-def make_checkpoint(model, model_name, model_args=None, **info):
-    """The checkpoint dict of ../DESIGN.md: everything needed to rebuild and use the model without flags."""
-    from data_loader import MNIST_MEAN, MNIST_STD
+def make_checkpoint(model, model_name, normalization, model_args=None, **info):
+    """The checkpoint dict of ../DESIGN.md: everything needed to rebuild and use the model without flags.
+
+    normalization: {"mean", "std"} of the inputs the model was trained on (data_loader.NORMALIZATION): the data
+    is the data module's business, so it is handed in, not looked up here.
+    """
     plain = unwrap(model)
     return {
         "format": CHECKPOINT_FORMAT,
         "model": model_name,
         "model_args": _plain(model_args or {}),
         "state_dict": {k: v.detach().cpu() for k, v in plain.state_dict().items()},
-        "normalization": {"mean": MNIST_MEAN, "std": MNIST_STD},
+        "normalization": {"mean": float(normalization["mean"]), "std": float(normalization["std"])},
         "classes": list(CLASSES),
         "torch_version": torch.__version__.split("+")[0],
         **_plain(info),
     }
 
 
-def save_checkpoint(path, model, model_name, model_args=None, **info):
+def save_checkpoint(path, model, model_name, normalization, model_args=None, **info):
     """Write a model checkpoint atomically; info (epoch, val_accuracy, args, ...) is stored alongside."""
-    atomic_save(make_checkpoint(model, model_name, model_args, **info), path)
+    atomic_save(make_checkpoint(model, model_name, normalization, model_args, **info), path)
 
 
 def read_checkpoint(path):
@@ -227,63 +224,6 @@ def model_path_or_default(path=None):
         raise CheckpointError(f"no trained model: neither {DEFAULT_MODEL} nor the shipped {PRETRAINED_MODEL} exists; "
                               f"train one with `python train_pytorch.py` or pass --model_path")
     return found
-
-
-# Shared by every command: flags that fail in one line, the device choice, batched inference.
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr and exit code 2, not usage plus the error."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-    def device(self, name):
-        """pick_device(name), or this parser's one-line error and exit 2 for a device that is not there."""
-        try:
-            return pick_device(name)
-        except ValueError as err:
-            self.error(str(err))
-
-
-def pick_device(name):
-    """auto -> cuda, then mps, then cpu. Asking for a device that is not there is an error, not a fallback."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown --device {name!r}: use auto, cuda, cuda:N, mps or cpu") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but this PyTorch sees no CUDA GPU: use --device cpu or auto")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps asked for, but MPS is not available: use --device cpu or auto")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"unsupported --device {name!r}: use auto, cuda, mps or cpu")
-    return device
-
-
-@torch.no_grad()
-def predict_probs(model, images, ctx=None, batch_size=1000, max_batches=None):
-    """Softmax outputs (N, 10) as float32 for uint8 images (N, 28, 28) on the model's device, in eval mode.
-
-    ctx: the precision context (e.g. torch.autocast for bf16); None runs in full precision.
-    """
-    from data_loader import DeviceBatches
-    model.eval()
-    ctx = ctx if ctx is not None else nullcontext()
-    out = []
-    for i, (x, _) in enumerate(DeviceBatches(images, images.new_zeros(len(images)), batch_size)):
-        if max_batches is not None and i >= max_batches:
-            break
-        with ctx:
-            out.append(model(x.contiguous(memory_format=torch.channels_last)).float().softmax(1))
-    return torch.cat(out)
 
 
 # Exported ONNX models (export.py writes them; predict.py and export.py run them through this loader).

@@ -208,7 +208,7 @@ def check_package(dist, spec):
 
 def describe_compute(device):
     import torch
-    from cnn_pytorch import pick_device
+    from common import pick_device
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(device if device.type == "cuda" else 0)
         found = f"CUDA {props.name} ({props.total_memory / 2**30:.0f} GiB)"
@@ -286,7 +286,8 @@ def check_learning(splits, device):
     import torch
     import torch.nn.functional as F
     import data_loader
-    from cnn_pytorch import build_model, predict_probs
+    from cnn_pytorch import build_model
+    from data_loader import predict_probs
     torch.manual_seed(SEED)
     train_x, train_y = (t[:LEARN_TRAIN_IMAGES] for t in splits["train"])
     val_x, val_y = (t[:LEARN_HELD_OUT] for t in splits["val"])
@@ -321,7 +322,7 @@ def check_round_trip(model, sample, device, work_dir):
     import data_loader
     from cnn_pytorch import load_checkpoint, save_checkpoint
     path = Path(work_dir) / f"demo_{LEARN_MODEL}.pth"
-    save_checkpoint(path, model, LEARN_MODEL, note="written by demo.py")
+    save_checkpoint(path, model, LEARN_MODEL, data_loader.NORMALIZATION, note="written by demo.py")
     loaded, ckpt = load_checkpoint(path, device)
     x = data_loader.normalize(sample).to(device)
     model.eval()
@@ -350,7 +351,7 @@ def user_picture(digit, index):
 
 def pick_digits(model, test_x, test_y):
     """One test image per class that the model reads right, and confidently, in its plain MNIST form."""
-    from cnn_pytorch import predict_probs
+    from data_loader import predict_probs
     probs = predict_probs(model, test_x[:1000])
     chosen = []
     for digit in range(10):
@@ -371,7 +372,7 @@ def check_prediction(model, ckpt, splits, work_dir):
     a broken step (say, no inversion) misreads most of them. Hence 9 of 10.
     """
     import torch
-    import data_loader
+    import preprocess
     test_x, test_y = (t.cpu() for t in splits["test"])
     device = next(model.parameters()).device
     mean, std = ckpt["normalization"]["mean"], ckpt["normalization"]["std"]
@@ -381,8 +382,8 @@ def check_prediction(model, ckpt, splits, work_dir):
         path = Path(work_dir) / f"digit_{n}.png"
         user_picture(test_x[i].numpy(), n).save(path)
         try:
-            seen = data_loader.image_to_mnist(path, mean, std)
-        except data_loader.ImageError as err:
+            seen = preprocess.image_to_mnist(path, mean, std)
+        except preprocess.ImageError as err:
             samples.append({"label": label, "picture": path, "seen": None, "pred": None, "prob": 0.0,
                             "error": str(err)})
             continue
@@ -397,8 +398,8 @@ def check_prediction(model, ckpt, splits, work_dir):
     if errors:
         what += f"; unreadable: {errors[0]}"
     if right < PREDICT_MIN_RIGHT:
-        raise Failed(what, "turning a picture into an MNIST digit (data_loader.image_to_mnist) is broken: "
-                           "restore data_loader.py (git checkout -- data_loader.py) and reinstall pillow and numpy",
+        raise Failed(what, "turning a picture into an MNIST digit (preprocess.image_to_mnist) is broken: "
+                           "restore preprocess.py (git checkout -- preprocess.py) and reinstall pillow and numpy",
                      value=samples)  # still drawn: the plot shows what the model was given
     return what, samples
 
@@ -409,7 +410,8 @@ def draw_predictions(samples, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from PIL import Image
-    import data_loader
+    import preprocess
+    from common import atomic_write
     n = len(samples)
     fig, axes = plt.subplots(2, n, figsize=(1.45 * n, 3.6), layout="constrained", squeeze=False)
     try:
@@ -417,7 +419,7 @@ def draw_predictions(samples, path):
             ax[0].imshow(Image.open(s["picture"]).convert("L"), cmap="gray", vmin=0, vmax=255)
             ax[0].set_title(f"a {s['label']}, as a PNG", fontsize=10)
             if s["seen"] is not None:
-                ax[1].imshow(data_loader.mnist_to_image(s["seen"]), cmap="gray", vmin=0, vmax=255)
+                ax[1].imshow(preprocess.mnist_to_image(s["seen"]), cmap="gray", vmin=0, vmax=255)
             right = s["pred"] == s["label"]
             answer = f"says {s['pred']} ({s['prob'] * 100:.0f}%)" if s["pred"] is not None else "unreadable"
             ax[1].set_title(answer, fontsize=10, color="darkgreen" if right else "tab:red",
@@ -428,7 +430,8 @@ def draw_predictions(samples, path):
         axes[0, 0].set_ylabel("picture on disk", fontsize=10)
         axes[1, 0].set_ylabel("model input", fontsize=10)
         fig.suptitle("demo.py: digits saved as a user would send them, read back and classified", fontsize=12)
-        fig.savefig(path, dpi=100)
+        with atomic_write(path) as tmp:
+            fig.savefig(tmp, dpi=100)
     finally:
         plt.close(fig)
     return path
@@ -451,7 +454,8 @@ def check_plot(samples, save_dir):
 
 def parse_args(argv=None):
     try:
-        from cnn_pytorch import OneLineParser as Parser
+        import torch  # noqa: F401  (without torch: plain argparse)
+        from common import OneLineParser as Parser
     except ImportError:  # torch missing: plain argparse; the package lines will say what to install
         Parser = argparse.ArgumentParser
     p = Parser(prog="demo.py", description=__doc__.splitlines()[0],

@@ -6,7 +6,6 @@ sample_predictions.png, misclassified.png, per_class_metrics.png) without traini
 """
 import argparse
 import sys
-import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -15,7 +14,9 @@ import torch
 import data_loader
 import metrics
 import visualization
-from cnn_pytorch import CheckpointError, OneLineParser, count_parameters, load_checkpoint, pick_device, predict_probs
+from cnn_pytorch import CheckpointError, count_parameters, load_checkpoint
+from common import OneLineParser, pick_device, writable_dir
+from data_loader import predict_probs
 
 PROJECT_DIR = Path(__file__).resolve().parent
 PROG = "evaluate.py"
@@ -44,17 +45,6 @@ def find_checkpoint(path):
     path = Path(path)
     if not path.exists() and not path.is_absolute() and (PROJECT_DIR / path).exists():
         return PROJECT_DIR / path
-    return path
-
-
-def writable_dir(path):
-    path = Path(path) if Path(path).is_absolute() else PROJECT_DIR / path
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as err:
-        raise InputError(f"cannot write to --save_dir {path} ({err.strerror}): pick a folder you can write to")
     return path
 
 
@@ -125,7 +115,10 @@ def run(args):
     # Every checkpoint is loaded before the test set is read: a typo fails in a second, before anything is written.
     paths = [find_checkpoint(p) for p in args.model_path]
     loaded = [load(path, device) for path in paths]
-    save_dir = writable_dir(args.save_dir)
+    try:
+        save_dir = writable_dir(args.save_dir)
+    except OSError as err:
+        raise InputError(str(err)) from None
     test_x, test_y = data_loader.load_mnist(args.data_dir)["test"]
     test_x_device, several = test_x.to(device), len(paths) > 1
 

@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import io
 import json
-import os
 import platform
 import shlex
 import sys
@@ -36,7 +35,8 @@ import numpy as np
 import torch
 
 import data_loader
-from cnn_pytorch import INPUT_NAME, OUTPUT_NAME, CheckpointError, OneLineParser, load_checkpoint, load_onnx_model
+from cnn_pytorch import INPUT_NAME, OUTPUT_NAME, CheckpointError, load_checkpoint, load_onnx_model
+from common import OneLineParser, atomic_write
 
 PROJECT_DIR = Path(__file__).resolve().parent
 
@@ -93,16 +93,7 @@ def check_args(parser, args):
         parser.error(f"--eval_images must be at least 1, got {args.eval_images}")
     if args.calibration_images < 1 or args.threads < 1 or args.bench_seconds < 0:
         parser.error("--calibration_images and --threads must be at least 1, --bench_seconds at least 0")
-    out = Path(args.output_dir)
-    out = out if out.is_absolute() else PROJECT_DIR / out
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as err:
-        parser.error(f"cannot write to --output_dir {out} ({err.strerror or type(err).__name__}): pick a folder "
-                     f"you can write to")
-    args.output_dir = out
+    args.output_dir = parser.output_dir(args.output_dir, "--output_dir")
     args.model_path = resolve_input(args.model_path)
 
 
@@ -144,15 +135,10 @@ def check_normalization(ckpt, path):
 # ---------------------------------------------------------------------------------------------- writing
 
 def _replace_atomically(write, path):
-    """write(tmp_path), then os.replace: an interrupted export never leaves half a file under the real name."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")  # keeps the suffix torch.export checks
-    try:
+    """write(tmp_path) through common.atomic_write: an interrupted export never leaves half a file."""
+    with atomic_write(path) as tmp:  # the temporary name keeps the suffix torch.export checks
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def _example_and_batch_dim(model):

@@ -15,12 +15,13 @@ write_metrics() adds the run facts (RUN_KEYS: model, parameters, epochs_run, tra
 and whatever else it is given) to the JSON, and writes the same numbers as an aligned text report.
 """
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import (accuracy_score, confusion_matrix, log_loss, precision_recall_fscore_support,
                              top_k_accuracy_score)
+
+from common import atomic_write
 
 TOP_PAIRS = 10   # most-confused (true, predicted) pairs kept
 WORST = 20       # worst misclassifications kept (misclassified.png shows them all)
@@ -114,10 +115,9 @@ def compute_metrics(y_true, probs):
     }
 
 
-def _atomic_write_text(path, text):
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _write_text(path, text):
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
 
 
 def _fact(value):
@@ -194,6 +194,6 @@ def write_metrics(metrics, save_dir, model_name, info):
     save_dir = Path(save_dir)
     info = {**info, **{key: None for key in RUN_KEYS if key not in info}}
     txt, js = save_dir / f"metrics_{model_name}.txt", save_dir / f"metrics_{model_name}.json"
-    _atomic_write_text(txt, format_metrics(metrics, info))
-    _atomic_write_text(js, json.dumps({**info, **metrics}, indent=2) + "\n")
+    _write_text(txt, format_metrics(metrics, info))
+    _write_text(js, json.dumps({**info, **metrics}, indent=2) + "\n")
     return txt, js

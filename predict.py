@@ -1,7 +1,7 @@
 """Predict the digit in your own pictures: python predict.py --image_path digit.png [more.jpg folder/ "scans/*.png"]
 
 Any common picture works (PNG, JPEG, BMP, GIF, TIFF, WebP; photos, scans, drawing-app exports with a
-transparent background): data_loader.image_to_mnist() turns each one into the 28x28 white-on-black digit the
+transparent background): preprocess.image_to_mnist() turns each one into the 28x28 white-on-black digit the
 model was trained on. One line per picture, e.g. `digit.png: 7 (98.6%)`; a picture that cannot be read gets
 one line saying why and the others are still predicted. Exit code: 0 all predicted, 1 some pictures failed
 (or held no digit), 2 bad flags or an unusable checkpoint.
@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-import data_loader
-from cnn_pytorch import (MODELS, CheckpointError, OneLineParser, check_model_type, load_checkpoint, load_onnx_model,
+import preprocess
+from cnn_pytorch import (MODELS, CheckpointError, check_model_type, load_checkpoint, load_onnx_model,
                          model_path_or_default)
+from common import OneLineParser
 
 PROJECT_DIR = Path(__file__).resolve().parent
 GLOB_CHARS = set("*?[")
@@ -147,10 +148,10 @@ def predict_chunk(model, device, chunk, mean, std, out_dir, used_names):
     for path, error in chunk:
         if error is None:
             try:
-                x = data_loader.image_to_mnist(path, mean, std)
+                x = preprocess.image_to_mnist(path, mean, std)
                 if out_dir is not None:
-                    data_loader.mnist_to_image(x, mean, std).save(out_dir / unique_name(path, used_names))
-            except data_loader.ImageError as err:
+                    preprocess.mnist_to_image(x, mean, std).save(out_dir / unique_name(path, used_names))
+            except preprocess.ImageError as err:
                 error = str(err)
             except OSError as err:
                 error = f"could not write its preprocessed picture to {out_dir} ({err.strerror or err})"
@@ -196,7 +197,7 @@ def main(argv=None):
         print(f"model: {model_path} ({ckpt['model']}"
               f"{f', test accuracy {acc * 100:.2f}%' if isinstance(acc, float) else ''})", file=sys.stderr)
 
-    inputs = collect_inputs(args.image_path, data_loader.IMAGE_SUFFIXES)
+    inputs = collect_inputs(args.image_path, preprocess.IMAGE_SUFFIXES)
     out_dir = Path(args.save_preprocessed) if args.save_preprocessed else None
     used_names, failed = set(), 0
     with torch.inference_mode():

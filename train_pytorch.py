@@ -9,7 +9,6 @@ import csv
 import math
 import os
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -19,8 +18,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data_loader
-from cnn_pytorch import (MODELS, CheckpointError, OneLineParser, atomic_save, build_model, count_parameters,
-                         make_checkpoint, predict_probs, unwrap)
+from cnn_pytorch import MODELS, CheckpointError, atomic_save, build_model, count_parameters, make_checkpoint, unwrap
+from common import OneLineParser, atomic_write
+from data_loader import predict_probs
 
 PROJECT_DIR = Path(__file__).resolve().parent
 
@@ -114,16 +114,7 @@ def check_args(parser, args):
     if args.patience < 0 or (args.train_subset is not None and args.train_subset < 1):
         parser.error("--patience must be >= 0 and --train_subset >= 1")
     args.device = str(parser.device(args.device))
-    save_dir = Path(args.save_dir)
-    if not save_dir.is_absolute():
-        save_dir = PROJECT_DIR / save_dir
-    try:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=save_dir):
-            pass
-    except OSError as err:
-        parser.error(f"cannot write to --save_dir {save_dir} ({err.strerror}): pick a folder you can write to")
-    args.save_dir = str(save_dir)
+    args.save_dir = str(parser.output_dir(args.save_dir))
     if args.amp is None:
         args.amp = args.device.startswith("cuda")
 
@@ -323,12 +314,10 @@ def load_resume_state(path):
 
 
 def write_history_csv(history, path):
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows(history)
-    os.replace(tmp, path)
 
 
 def fail(message, code=1):
@@ -482,9 +471,9 @@ def train(args, dist):
                 stale += 1
             if dist.is_main:
                 if improved:
-                    atomic_save(make_checkpoint(model, args.model, epoch=epoch, val_accuracy=val_acc,
+                    atomic_save(make_checkpoint(model, args.model, data_loader.NORMALIZATION, epoch=epoch, val_accuracy=val_acc,
                                                 args=vars(args)), best_path)
-                atomic_save({**make_checkpoint(model, args.model, epoch=epoch, val_accuracy=val_acc,
+                atomic_save({**make_checkpoint(model, args.model, data_loader.NORMALIZATION, epoch=epoch, val_accuracy=val_acc,
                                                args=vars(args)),
                              "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict() if scheduler is not None else None,

@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window: works on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from common import atomic_write  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.ticker import (FormatStrFormatter, LogLocator, MaxNLocator, NullFormatter,  # noqa: E402
                                PercentFormatter)
@@ -35,7 +37,8 @@ def _figure(path, *args, title=None, **kwargs):
             yield fig, axes
             if title:
                 fig.suptitle(title, fontweight="bold")
-            fig.savefig(path, dpi=DPI)
+            with atomic_write(path) as tmp:
+                fig.savefig(tmp, dpi=DPI)
         finally:
             plt.close(fig)
 

@@ -215,7 +215,7 @@ def naive_28(picture):
 def accuracy_by_kind(made, model_path):
     """{kind: (ours, naive, n)} accuracies of a checkpoint on [(path or PIL image, label, kind)]."""
     import torch
-    import data_loader
+    import preprocess
     from cnn_pytorch import load_checkpoint
     model, ckpt = load_checkpoint(model_path)
     mean, std = ckpt["normalization"]["mean"], ckpt["normalization"]["std"]
@@ -225,8 +225,8 @@ def accuracy_by_kind(made, model_path):
         ours, naive = [], []
         for path, _ in rows:
             try:
-                ours.append(data_loader.image_to_mnist(path, mean, std))
-            except data_loader.ImageError:
+                ours.append(preprocess.image_to_mnist(path, mean, std))
+            except preprocess.ImageError:
                 ours.append(torch.full((1, 28, 28), -mean / std))  # counted wrong: blank input
             naive.append((torch.from_numpy(naive_28(path)) - mean).div(std).unsqueeze(0))
         y = torch.tensor([label for _, label in rows])

@@ -142,7 +142,7 @@ def test_artifacts_load_without_our_code(exported, tmp_path, test_batch, referen
 def test_every_model_exports_to_onnx_and_int8(name, tmp_path, test_batch, mnist_splits):
     import onnx
     torch.manual_seed(0)
-    save_checkpoint(tmp_path / "ckpt.pth", build_model(name).eval(), name)
+    save_checkpoint(tmp_path / "ckpt.pth", build_model(name).eval(), name, data_loader.NORMALIZATION)
     model, ckpt = load_checkpoint(tmp_path / "ckpt.pth")
     metadata = export.artifact_metadata(ckpt, "ckpt.pth")
     path = export.export_onnx(model, tmp_path / f"{name}.onnx", metadata)

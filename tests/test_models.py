@@ -7,6 +7,7 @@ import torch
 
 from cnn_pytorch import (MODELS, CheckpointError, build_model, count_parameters, load_checkpoint, read_checkpoint,
                          save_checkpoint)
+from data_loader import NORMALIZATION
 
 PARAM_RANGE = {"simple": (1.1e6, 1.3e6), "improved": (2.3e6, 2.7e6), "tiny": (2e4, 4e4)}
 
@@ -49,7 +50,7 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path, name):
     torch.manual_seed(1)
     model = build_model(name).eval()
     path = tmp_path / "m.pth"
-    save_checkpoint(path, model, name, epoch=3, val_accuracy=0.99)
+    save_checkpoint(path, model, name, NORMALIZATION, epoch=3, val_accuracy=0.99)
     loaded, ckpt = load_checkpoint(path)
     x = torch.randn(8, 1, 28, 28)
     assert torch.equal(model(x), loaded(x))
@@ -91,7 +92,7 @@ def test_foreign_truncated_and_missing_files_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match="not a checkpoint of this project"):
         read_checkpoint(foreign)
     good = tmp_path / "good.pth"
-    save_checkpoint(good, build_model("simple"), "simple")
+    save_checkpoint(good, build_model("simple"), "simple", NORMALIZATION)
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(good.read_bytes()[:5000])
     with pytest.raises(CheckpointError, match="refused"):
@@ -102,6 +103,6 @@ def test_foreign_truncated_and_missing_files_are_refused(tmp_path):
 
 def test_model_type_mismatch_is_an_error(tmp_path):
     path = tmp_path / "s.pth"
-    save_checkpoint(path, build_model("simple"), "simple")
+    save_checkpoint(path, build_model("simple"), "simple", NORMALIZATION)
     with pytest.raises(CheckpointError, match="not 'improved'"):
         load_checkpoint(path, expected_model="improved")

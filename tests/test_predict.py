@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import data_loader
+import preprocess
 import cnn_pytorch
 import predict
 from cnn_pytorch import load_checkpoint
@@ -66,7 +67,7 @@ def test_mnist_digits_come_out_unchanged(mnist_test):
     images = mnist_test[0][:300]
     worst = []
     for digit in images:
-        ours = data_loader.image_to_mnist(digit)
+        ours = preprocess.image_to_mnist(digit)
         reference = data_loader.normalize(torch.from_numpy(digit)[None])[0]
         worst.append(((ours - reference).abs().max() * data_loader.MNIST_STD).item())  # in pixel units [0, 1]
     worst = np.array(worst)
@@ -76,15 +77,15 @@ def test_mnist_digits_come_out_unchanged(mnist_test):
 
 def test_uses_the_given_normalisation(mnist_test):
     digit = mnist_test[0][0]
-    pixels = torch.from_numpy(data_loader.image_to_mnist_pixels(digit))
-    assert torch.allclose(data_loader.image_to_mnist(digit, mean=0.5, std=0.25)[0], (pixels - 0.5) / 0.25)
-    assert data_loader.image_to_mnist(digit).shape == (1, 28, 28)
+    pixels = torch.from_numpy(preprocess.image_to_mnist_pixels(digit))
+    assert torch.allclose(preprocess.image_to_mnist(digit, mean=0.5, std=0.25)[0], (pixels - 0.5) / 0.25)
+    assert preprocess.image_to_mnist(digit).shape == (1, 28, 28)
 
 
 def test_output_looks_like_mnist(mnist_test):
     """Dark ink on paper becomes white on black, fits 20x20, centre of mass on the middle pixel."""
     _, img = on_paper(mnist_test[0][3])
-    px = data_loader.image_to_mnist_pixels(img)
+    px = preprocess.image_to_mnist_pixels(img)
     assert px.shape == (28, 28) and px.dtype == np.float32
     assert px.min() == 0.0 and px.max() > 0.9 and px[0].sum() == 0 and px[:, 0].sum() == 0
     rows, cols = np.nonzero(px.any(1))[0], np.nonzero(px.any(0))[0]
@@ -134,15 +135,15 @@ def test_every_format_gives_the_same_digit(mnist_test, pretrained, tmp_path):
     cover, grey = on_paper(digit)
     paths = _formats(cover, grey, tmp_path)
     assert Image.open(paths["i16"]).mode == "I;16" and Image.open(paths["palette_P"]).mode == "P"
-    reference = data_loader.image_to_mnist_pixels(paths["png_L"]).ravel()
+    reference = preprocess.image_to_mnist_pixels(paths["png_L"]).ravel()
     pixels = {}
     for name, path in paths.items():
-        pixels[name] = data_loader.image_to_mnist_pixels(path)
+        pixels[name] = preprocess.image_to_mnist_pixels(path)
         assert np.corrcoef(reference, pixels[name].ravel())[0, 1] > 0.95, name
     assert predict_pixels(pretrained, list(pixels.values())) == [label] * len(pixels)
     # without its orientation tag the sideways photo is a different picture: the tag was really used
     sideways = Image.fromarray(np.asarray(Image.open(paths["jpeg_exif_rotated"]).convert("L")))  # tag dropped
-    assert np.corrcoef(reference, data_loader.image_to_mnist_pixels(sideways).ravel())[0, 1] < 0.8
+    assert np.corrcoef(reference, preprocess.image_to_mnist_pixels(sideways).ravel())[0, 1] < 0.8
 
 
 @pytest.mark.parametrize("picture", ["white", "black", "grey", "noise"])
@@ -150,8 +151,8 @@ def test_no_ink_is_no_digit(picture):
     rng = np.random.default_rng(0)
     arr = {"white": np.full((80, 80), 255), "black": np.zeros((80, 80)), "grey": np.full((80, 80), 128),
            "noise": np.clip(rng.normal(200, 12, (80, 80)), 0, 255)}[picture]
-    with pytest.raises(data_loader.NoDigitError, match="no digit found"):
-        data_loader.image_to_mnist(arr.astype(np.uint8))
+    with pytest.raises(preprocess.NoDigitError, match="no digit found"):
+        preprocess.image_to_mnist(arr.astype(np.uint8))
 
 
 def test_pictures_as_people_send_them(mnist_test, pretrained, tmp_path):
@@ -278,7 +279,7 @@ def test_save_preprocessed(pictures, small_checkpoint, capsys, tmp_path):
     assert sorted(p.name for p in out_dir.iterdir()) == ["digit0.png", "digit0_2.png"]
     seen = np.asarray(Image.open(out_dir / "digit0.png"), np.float32) / 255
     assert seen.shape == (28, 28)
-    assert np.abs(seen - data_loader.image_to_mnist_pixels(paths[0])).max() <= 1 / 255 + 1e-6
+    assert np.abs(seen - preprocess.image_to_mnist_pixels(paths[0])).max() <= 1 / 255 + 1e-6
 
 
 def test_model_type_must_match(pictures, small_checkpoint, capsys):

@@ -1,0 +1,116 @@
+"""What every command shares: one-line flag errors, the device choice, the output folder, atomic writes.
+
+Nothing here knows about MNIST or models; every other module may import it, it imports none of them.
+"""
+import argparse
+import os
+import secrets
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+PROJECT_DIR = Path(__file__).resolve().parent
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr and exit code 2, not usage plus the error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def device(self, name):
+        """pick_device(name), or this parser's one-line error and exit 2 for a device that is not there."""
+        try:
+            return pick_device(name)
+        except ValueError as err:
+            self.error(str(err))
+
+    def output_dir(self, path, flag="--save_dir"):
+        """writable_dir(path), or this parser's one-line error and exit 2."""
+        try:
+            return writable_dir(path, flag)
+        except OSError as err:
+            self.error(str(err))
+
+
+def pick_device(name):
+    """auto -> cuda, then mps, then cpu. Asking for a device that is not there is an error, not a fallback."""
+    import torch
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown --device {name!r}: use auto, cuda, cuda:N, mps or cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but this PyTorch sees no CUDA GPU: use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps asked for, but MPS is not available: use --device cpu or auto")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported --device {name!r}: use auto, cuda, mps or cpu")
+    return device
+
+
+def project_path(path):
+    """A relative output path is taken from the project folder, so results land in one place wherever you are."""
+    path = Path(path)
+    return path if path.is_absolute() else PROJECT_DIR / path
+
+
+def writable_dir(path, flag="--save_dir"):
+    """The folder for a command's output, created if needed and proven writable; OSError with one line if not."""
+    path = project_path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise OSError(f"cannot write to {flag} {path} ({err.strerror or type(err).__name__}): pick a folder you "
+                      f"can write to") from None
+    return path
+
+
+@contextmanager
+def atomic_write(path):
+    """Yield a temporary path beside `path`; when the block ends, fsync it and rename it over `path`.
+
+    Every file the project writes goes through here, so a crash or Ctrl-C at any moment leaves either the old
+    file or the new one, never half of one, and no temporary file behind:
+
+        with atomic_write(out / "report.txt") as tmp:
+            tmp.write_text(text)
+
+    The temporary name keeps the suffix (matplotlib and torch.export pick the format from it) and lives in
+    the same folder, since a rename is only atomic within one file system.
+    """
+    path = Path(path)
+    # Not mkstemp: the writer creates the file, so it gets the usual permissions rather than mkstemp's 0600.
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{secrets.token_hex(4)}.tmp{path.suffix}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:  # the data must be on disk before the rename makes it the real file
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _fsync_dir(folder):
+    """Make the rename itself durable (POSIX); Windows cannot open a folder, and does not need to."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -256,11 +256,56 @@ class DeviceBatches:
             order = torch.arange(n, device=device)
         order = order[self.rank::self.world_size][:n // self.world_size]
         for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            x = self.images[idx].unsqueeze(1).float().div_(255.0)
-            if self.augment:
-                x = random_affine(x, **self.augment)
-            yield normalize(x), self.labels[idx]
+            yield gather(self.images, self.labels, order[i * self.batch_size:(i + 1) * self.batch_size], self.augment)
+
+
+def gather(images, labels, idx, augment=None):
+    """The batch at indices idx of a uint8 split: (normalised float images (B, 1, 28, 28), labels (B,)).
+
+    augment: None or a dict from AUGMENTATIONS (random_affine's arguments).
+    """
+    x = images.index_select(0, idx).unsqueeze(1).float().div_(255.0)
+    if augment:
+        x = random_affine(x, **augment)
+    return normalize(x), labels.index_select(0, idx)
+
+
+class TrainBatches:
+    """The training split as fixed-shape batches that a captured CUDA graph can draw on its own.
+
+    new_epoch() draws a shuffled order on the host generator (reproducible, and saved for --resume) and copies
+    it into one device buffer of shape (steps, batch); batch(i) then gathers and augments batch i, where i is a
+    device tensor, so nothing is read back to the host and a graph captured once replays every step. A graph
+    needs one shape, so every batch is full: the remainder of each shuffled epoch (a different one every epoch)
+    waits for the next. Under torchrun every rank draws the same order and keeps every world_size-th image from
+    its rank on, so the ranks' batches together are the single-process batch of world_size x batch_size.
+    """
+
+    def __init__(self, images, labels, batch_size, augment=False, generator=None, rank=0, world_size=1):
+        if augment is True:
+            augment = "standard"
+        if augment and augment not in AUGMENTATIONS:
+            raise ValueError(f"unknown augmentation {augment!r}: choose one of {', '.join(AUGMENTATIONS)}")
+        per_rank = len(images) // world_size
+        if per_rank < 1:
+            raise ValueError(f"{len(images)} training images cannot be shared by {world_size} processes")
+        self.images, self.labels, self.augment = images, labels, AUGMENTATIONS[augment] if augment else None
+        self.batch_size = min(batch_size, per_rank)  # a training set smaller than one batch is one batch
+        self.steps = per_rank // self.batch_size
+        self.generator, self.rank, self.world_size = generator, rank, world_size
+        # Before the first new_epoch() (the warm-up runs then) the order is simply the first images.
+        self.order = torch.arange(self.steps * self.batch_size, device=images.device).view(self.steps, -1)
+
+    def __len__(self):
+        return self.steps
+
+    def new_epoch(self):
+        order = torch.randperm(len(self.images), generator=self.generator)[self.rank::self.world_size]
+        self.order.copy_(order[:self.order.numel()].view_as(self.order))
+
+    def batch(self, i):
+        """Batch i of this epoch; i is a 0-dim integer tensor on the device."""
+        return gather(self.images, self.labels, self.order.index_select(0, i.view(1)).view(-1), self.augment)
 
 
 @torch.no_grad()

@@ -12,9 +12,13 @@ from cnn_pytorch import load_checkpoint
 from conftest import ROOT
 
 SCRIPT = str(ROOT / "train_pytorch.py")
-FLAGS = ["--train_subset", "12000", "--epochs", "1", "--device", "cpu", "--no_progress"]
-# Two processes take half the steps per epoch at twice the batch, so one short epoch lands a little lower.
-TOLERANCE = 0.04
+# No augmentation and no dropout (each rank draws its own), and no learning-rate scaling: then two processes
+# with --batch_size 64 see exactly the batches of one process with --batch_size 128, and must train the same model.
+# Plain SGD, because Adam divides by the gradient's own size and so blows float rounding up to visible differences
+# in weights whose gradient is near zero (measured: up to 0.05 after 46 steps, for the same 94.2% accuracy).
+FLAGS = ["--model", "simple", "--dropout", "0", "--no_augment", "--lr_scaling", "none", "--optimizer", "sgd",
+         "--learning_rate", "0.02", "--scheduler", "none", "--train_subset", "6000", "--epochs", "1", "--device",
+         "cpu", "--no_progress"]
 
 
 def free_port():
@@ -24,11 +28,11 @@ def free_port():
 
 
 def test_torchrun_two_processes_match_a_single_process_run(tmp_path, mnist_splits):
-    single = subprocess.run([sys.executable, SCRIPT, *FLAGS, "--save_dir", str(tmp_path / "single")],
-                            capture_output=True, text=True, timeout=300)
+    single = subprocess.run([sys.executable, SCRIPT, *FLAGS, "--batch_size", "128", "--save_dir",
+                             str(tmp_path / "single")], capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-                          str(free_port()), SCRIPT, *FLAGS, "--save_dir", str(tmp_path / "ddp")],
+                          str(free_port()), SCRIPT, *FLAGS, "--batch_size", "64", "--save_dir", str(tmp_path / "ddp")],
                          capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     assert ddp.stdout.count("test accuracy") == 1, "only rank 0 may report"
@@ -36,8 +40,10 @@ def test_torchrun_two_processes_match_a_single_process_run(tmp_path, mnist_split
 
     model, ckpt = load_checkpoint(tmp_path / "ddp" / "best_model_simple_pt.pth")  # plain model, no "module."
     assert not any(k.startswith("module.") for k in ckpt["state_dict"])
-    single_acc = torch.load(tmp_path / "single" / "best_model_simple_pt.pth", weights_only=True)["test_accuracy"]
-    assert abs(ckpt["test_accuracy"] - single_acc) <= TOLERANCE
+    single = torch.load(tmp_path / "single" / "best_model_simple_pt.pth", weights_only=True)
+    for k, v in single["state_dict"].items():  # the same weights, up to float rounding of the gradient average
+        assert torch.allclose(ckpt["state_dict"][k], v, rtol=0, atol=2e-4), k  # measured: 3e-5 at most
+    assert ckpt["test_accuracy"] == pytest.approx(single["test_accuracy"], abs=0.0002)  # 2 of 10,000 images
     assert ckpt["test_accuracy"] > 0.9
 
     # The reduced test accuracy is the accuracy of the saved model on the whole test set.

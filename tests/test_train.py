@@ -2,10 +2,9 @@
 import csv
 import json
 import shutil
-import signal
 import subprocess
 import sys
-import time
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -75,35 +74,54 @@ def test_a_run_writes_every_documented_output(small_run):
     assert len(rows) == 1 and float(rows[0]["val_acc"]) == pytest.approx(ckpt["val_accuracy"], abs=1e-6)
 
 
-SUBSET = ["--train_subset", "12000", "--device", DEVICE, "--no_progress", "--epochs", "2"]
+def interrupt_after(monkeypatch, steps):
+    """Ctrl-C after a given number of training steps (counted from the start of this process's run): the same
+    KeyboardInterrupt a SIGINT raises, at a point that does not depend on the machine's speed."""
+    real, taken = train_pytorch.TrainStep.__call__, []
+
+    def step(self):
+        taken.append(1)
+        if len(taken) > steps:
+            raise KeyboardInterrupt
+        real(self)
+    monkeypatch.setattr(train_pytorch.TrainStep, "__call__", step)
 
 
-def test_ctrl_c_saves_state_and_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
-    straight = run(*SUBSET, "--save_dir", str(tmp_path / "straight"))
-    assert straight.returncode == 0, straight.stderr
+def without_seconds(rows):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
 
-    out = tmp_path / "interrupted"
-    proc = subprocess.Popen([sys.executable, SCRIPT, *SUBSET, "--save_dir", str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:  # wait for epoch 1 to finish, then press Ctrl-C during epoch 2
-        if line.startswith("epoch   1/2"):
-            time.sleep(0.5)
-            proc.send_signal(signal.SIGINT)
-            break
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert "--resume" in err and "after epoch 1" in err
-    assert torch.load(out / "last_simple_pt.pth", weights_only=True)["epoch"] == 1
 
-    resumed = run("--save_dir", str(out), "--resume", "--device", DEVICE, "--no_progress")
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming after epoch 1 of 2" in resumed.stdout
-    history = list(csv.DictReader(open(out / "history_simple.csv")))
-    expected = list(csv.DictReader(open(tmp_path / "straight" / "history_simple.csv")))
-    assert [r["epoch"] for r in history] == ["1", "2"]
-    # Same seed, same restored RNG and optimiser state: the resumed epoch 2 is the uninterrupted epoch 2.
-    assert float(history[1]["val_acc"]) == pytest.approx(float(expected[1]["val_acc"]), abs=0.002)
-    assert float(history[1]["train_loss"]) == pytest.approx(float(expected[1]["train_loss"]), rel=0.02)
+def test_ctrl_c_then_resume_ends_exactly_where_an_uninterrupted_run_ends(tmp_path, monkeypatch, capsys):
+    """Same seed, same restored optimiser, schedule, batch-norm and random state: on the CPU the resumed run is
+    the uninterrupted run, bit for bit (history rows and final weights)."""
+    flags = ["--train_subset", "3000", "--val_size", "1000", "--epochs", "3", "--device", DEVICE, "--no_progress",
+             "--batch_size", "100"]  # 30 steps an epoch; dropout, augmentation and onecycle all in play
+    assert train_pytorch.main([*flags, "--save_dir", str(tmp_path / "straight")]) == 0
+    with monkeypatch.context() as m:
+        interrupt_after(m, 30 + 7)  # 7 steps into epoch 2
+        assert train_pytorch.main([*flags, "--save_dir", str(tmp_path / "cut")]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted in epoch 2" in err and "--resume" in err
+    assert torch.load(tmp_path / "cut" / "last_simple_pt.pth", weights_only=True)["epoch"] == 1
+    assert train_pytorch.main(["--resume", "--save_dir", str(tmp_path / "cut"), "--device", DEVICE,
+                               "--no_progress"]) == 0
+    assert "resuming after epoch 1 of 3" in capsys.readouterr().out
+    straight, resumed = (list(csv.DictReader(open(tmp_path / name / "history_simple.csv")))
+                         for name in ("straight", "cut"))
+    assert without_seconds(resumed) == without_seconds(straight)
+    a, b = (torch.load(tmp_path / name / "last_simple_pt.pth", weights_only=True) for name in ("straight", "cut"))
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    best_a, best_b = (torch.load(tmp_path / name / "best_model_simple_pt.pth", weights_only=True)
+                      for name in ("straight", "cut"))
+    assert best_a["test_accuracy"] == best_b["test_accuracy"]
+
+
+def test_ctrl_c_before_the_first_epoch_ends_writes_nothing(tmp_path, monkeypatch, capsys):
+    interrupt_after(monkeypatch, 3)
+    code = train_pytorch.main(["--train_subset", "2000", "--device", DEVICE, "--no_progress",
+                               "--save_dir", str(tmp_path)])
+    assert code == 130 and "nothing to resume, nothing written" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_resume_without_a_previous_run_is_a_clear_error(tmp_path):
@@ -112,14 +130,14 @@ def test_resume_without_a_previous_run_is_a_clear_error(tmp_path):
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    real = train_pytorch.train_one_epoch
+    real = train_pytorch.train_epoch
     calls = []
 
     def diverge_in_epoch_2(*args, **kwargs):
         calls.append(1)
-        loss, acc = real(*args, **kwargs)
-        return (float("nan"), acc) if len(calls) == 2 else (loss, acc)
-    monkeypatch.setattr(train_pytorch, "train_one_epoch", diverge_in_epoch_2)
+        loss, acc, seconds = real(*args, **kwargs)
+        return (float("nan") if len(calls) == 2 else loss), acc, seconds
+    monkeypatch.setattr(train_pytorch, "train_epoch", diverge_in_epoch_2)
     with pytest.raises(SystemExit) as exit_info:
         train_pytorch.main(["--train_subset", "2000", "--epochs", "3", "--device", DEVICE, "--no_progress",
                             "--save_dir", str(tmp_path)])
@@ -194,33 +212,203 @@ def test_resume_accepts_a_state_written_before_the_newer_settings_existed(tmp_pa
     assert "resuming after epoch 1 of 1" in result.stdout  # the stored run settings win, as before
 
 
-def test_compile_warm_up_puts_back_weights_batch_norm_statistics_gradients_and_random_state():
-    from contextlib import nullcontext
+def make_step(model_name="tiny", compiled=False, steps=None):
+    """A TrainStep over 640 random images, built the way train_pytorch.set_up builds it, seed 0 throughout."""
+    import argparse
     import data_loader
     from cnn_pytorch import build_model
+    args = argparse.Namespace(optimizer="adam", weight_decay=0.0, scheduler="onecycle", epochs=2, learning_rate=1e-3,
+                              max_lr=5e-3)
     torch.manual_seed(0)
-    model = build_model("improved")  # batch norm and dropout: both would leave traces
+    images = torch.randint(0, 256, (640, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(0, 10, (640,), generator=torch.Generator().manual_seed(2))
+    model = build_model(model_name).to(memory_format=torch.channels_last)
+    batches = data_loader.TrainBatches(images, labels, 64, augment="standard",
+                                       generator=torch.Generator().manual_seed(0))
+    lrs = train_pytorch.LearningRates(args, len(batches), 1.0, torch.device("cpu"))
+    optimizer = train_pytorch.make_optimizer(args, model, torch.tensor(lrs.table[0].item()))
+    step_model = torch.compile(model) if compiled else model
+    step = train_pytorch.TrainStep(step_model, batches, optimizer, lrs, nullcontext(), label_smoothing=0.1)
+    return model, optimizer, batches, step
+
+
+def take_steps(model, batches, step, n):
+    model.train()
+    batches.new_epoch()
+    step.start_epoch(1)
+    for _ in range(n):
+        step()
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_warm_up_leaves_no_trace_in_the_run_that_follows(compiled):
+    """Warm-up steps (and, on CUDA, the capture) change weights, batch-norm statistics, Adam's moments, the step
+    counter and the random state; all of it must be put back, with the compiled model the run really uses."""
+    model, optimizer, batches, step = make_step("improved", compiled)  # batch norm, dropout, augmentation
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    images, labels = torch.randint(0, 256, (300, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (300,))
-    batches = data_loader.DeviceBatches(images, labels, 128)  # 128, 128 and a last batch of 44
     rng = torch.get_rng_state()
-    seconds = train_pytorch.compile_warm_up(model, model, batches, nullcontext(), 0.1)
-    assert seconds > 0
+    graph, _ = train_pytorch.warm_up(step, model, optimizer)
+    assert graph is None  # no capture on the CPU
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng) and step.counter.item() == 0
     assert all(p.grad is None for p in model.parameters())
-    assert torch.equal(torch.get_rng_state(), rng)
+    take_steps(model, batches, step, 5)
+    warmed = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = [s["exp_avg_sq"].clone() for s in optimizer.state.values()]
+
+    model, optimizer, batches, step = make_step("improved", compiled)  # the same, never warmed up
+    take_steps(model, batches, step, 5)
+    assert all(torch.equal(warmed[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(a, s["exp_avg_sq"]) for a, s in zip(moments, optimizer.state.values()))
+
+
+def test_train_batches_of_two_ranks_together_are_the_single_process_batch():
+    import data_loader
+    images = torch.arange(1000, dtype=torch.uint8).repeat_interleave(784).view(1000, 28, 28)  # image i shows i % 256
+    labels = torch.arange(1000)
+    single = data_loader.TrainBatches(images, labels, 100, generator=torch.Generator().manual_seed(3))
+    ranks = [data_loader.TrainBatches(images, labels, 50, generator=torch.Generator().manual_seed(3), rank=r,
+                                      world_size=2) for r in (0, 1)]
+    for b in (single, *ranks):
+        b.new_epoch()
+    assert len(single) == len(ranks[0]) == 10
+    for i in range(len(single)):
+        _, y = single.batch(torch.tensor(i))
+        parts = [r.batch(torch.tensor(i))[1] for r in ranks]
+        assert sorted(torch.cat(parts).tolist()) == sorted(y.tolist())
+    order = single.order.flatten().tolist()
+    assert len(set(order)) == 1000  # every image once per epoch
 
 
 def test_compile_is_timed_apart_and_trains_like_the_eager_model(tmp_path):
     """--compile warms up before the clock starts and reports the compile time on its own."""
     flags = ["--preset", "fast", "--train_subset", "2000", "--device", DEVICE, "--no_progress"]
-    eager = run(*flags, "--save_dir", str(tmp_path / "eager"))
-    compiled = run(*flags, "--compile", "--save_dir", str(tmp_path / "compiled"), timeout=600)
-    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr[-2000:]
-    assert "not counted as training time" in compiled.stdout
+    assert train_pytorch.main([*flags, "--save_dir", str(tmp_path / "eager")]) == 0
+    assert train_pytorch.main([*flags, "--compile", "--save_dir", str(tmp_path / "compiled")]) == 0
     e, c = (json.loads((tmp_path / name / "metrics_tiny.json").read_text()) for name in ("eager", "compiled"))
-    assert e["compile_seconds"] == 0 and c["compile_seconds"] > 0
+    assert e["compile_seconds"] == 0 and c["compile_seconds"] > 0 and c["warmup_seconds"] == c["compile_seconds"]
+    # The compile time is not in the training time: the compiled run is not slower by the compile time.
+    assert c["training_seconds"] < e["training_seconds"] + 0.5 * c["compile_seconds"]
     (e_row,), (c_row,) = (list(csv.DictReader(open(tmp_path / name / "history_tiny.csv")))
                           for name in ("eager", "compiled"))
     assert float(c_row["train_loss"]) == pytest.approx(float(e_row["train_loss"]), rel=0.02)
     assert float(c_row["val_acc"]) == pytest.approx(float(e_row["val_acc"]), abs=0.005)
+
+
+def history_of(save_dir, model="tiny"):
+    return list(csv.DictReader(open(save_dir / f"history_{model}.csv")))
+
+
+SHORT = ["--model", "tiny", "--train_subset", "2000", "--val_size", "1000", "--device", DEVICE, "--no_progress",
+         "--no_test"]
+
+
+def test_every_scheduler_draws_the_learning_rate_curve_it_promises(tmp_path):
+    lrs = {}
+    for name in ("onecycle", "cosine", "step", "none"):
+        assert train_pytorch.main([*SHORT, "--epochs", "3", "--scheduler", name, "--learning_rate", "0.002",
+                                   "--max_lr", "0.01", "--patience", "0", "--save_dir", str(tmp_path / name)]) == 0
+        lrs[name] = [float(r["lr"]) for r in history_of(tmp_path / name)]
+    assert lrs["none"] == pytest.approx([0.002] * 3)
+    assert lrs["step"] == pytest.approx([0.002, 0.0002, 0.00002])  # / 10 every third of the epochs
+    assert lrs["cosine"][0] > lrs["cosine"][1] > lrs["cosine"][2] == pytest.approx(0, abs=1e-5)
+    # onecycle: up to --max_lr in the first 15% of the steps, then down to --learning_rate / 1000
+    assert lrs["onecycle"][0] < 0.01 and lrs["onecycle"][0] > lrs["onecycle"][1] > lrs["onecycle"][2]
+    assert lrs["onecycle"][2] == pytest.approx(0.002 / 1000, rel=0.01)
+
+
+def test_plateau_halves_the_rate_when_validation_loss_stalls(tmp_path, monkeypatch):
+    real = train_pytorch.evaluate
+    monkeypatch.setattr(train_pytorch, "evaluate", lambda *a, **k: (real(*a, **k), (0.5, 0.9))[1])  # flat
+    assert train_pytorch.main([*SHORT, "--epochs", "4", "--scheduler", "plateau", "--learning_rate", "0.002",
+                               "--patience", "0", "--save_dir", str(tmp_path)]) == 0
+    # ReduceLROnPlateau(patience=1): epoch 1 sets the best loss, epochs 2 and 3 do not beat it, epoch 4 runs at half
+    assert [float(r["lr"]) for r in history_of(tmp_path)] == pytest.approx([0.002, 0.002, 0.002, 0.001])
+
+
+def test_early_stopping_stops_after_patience_epochs_without_a_better_validation_accuracy(tmp_path, monkeypatch):
+    scores = iter([(0.3, 0.90), (0.2, 0.95), (0.25, 0.94), (0.3, 0.93), (0.1, 0.99), (0.1, 0.99)])
+    real = train_pytorch.evaluate
+    monkeypatch.setattr(train_pytorch, "evaluate", lambda *a, **k: (real(*a, **k), next(scores))[1])
+    assert train_pytorch.main([*SHORT, "--epochs", "6", "--patience", "2", "--save_dir", str(tmp_path)]) == 0
+    assert [int(r["epoch"]) for r in history_of(tmp_path)] == [1, 2, 3, 4]  # stopped: 3 and 4 were no better
+    assert torch.load(tmp_path / "best_model_tiny_pt.pth", weights_only=True)["epoch"] == 2
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "rmsprop"])
+def test_sgd_and_rmsprop_train_too(tmp_path, optimizer):
+    lr = {"sgd": "0.02", "rmsprop": "0.001"}[optimizer]
+    assert train_pytorch.main([*SHORT, "--epochs", "2", "--optimizer", optimizer, "--learning_rate", lr,
+                               "--scheduler", "none", "--save_dir", str(tmp_path)]) == 0
+    ckpt = torch.load(tmp_path / "best_model_tiny_pt.pth", weights_only=True)
+    assert ckpt["args"]["optimizer"] == optimizer and ckpt["val_accuracy"] > 0.8
+
+
+def test_weight_decay_shrinks_the_weights(tmp_path):
+    norms = {}
+    for wd in ("0", "0.5"):
+        assert train_pytorch.main([*SHORT, "--epochs", "1", "--optimizer", "sgd", "--learning_rate", "0.02",
+                                   "--scheduler", "none", "--weight_decay", wd, "--save_dir", str(tmp_path / wd)]) == 0
+        state = torch.load(tmp_path / wd / "best_model_tiny_pt.pth", weights_only=True)["state_dict"]
+        norms[wd] = sum(v.norm() ** 2 for k, v in state.items() if k.endswith("weight")).sqrt().item()
+    assert norms["0.5"] < 0.8 * norms["0"]
+
+
+def test_dropout_flag_reaches_the_model_and_the_checkpoint(tmp_path):
+    assert train_pytorch.main(["--model", "simple", "--dropout", "0.3", "--train_subset", "1000", "--val_size",
+                               "500", "--epochs", "1", "--device", DEVICE, "--no_progress", "--no_test",
+                               "--save_dir", str(tmp_path)]) == 0
+    from cnn_pytorch import load_checkpoint
+    model, ckpt = load_checkpoint(tmp_path / "best_model_simple_pt.pth")
+    assert ckpt["model_args"] == {"dropout": 0.3}
+    assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.3}
+    assert not (tmp_path / "metrics_simple.json").exists()  # --no_test: the test set was not scored
+
+
+def test_on_epoch_sees_every_history_row_and_can_stop_the_run(tmp_path):
+    rows = []
+
+    class Enough(Exception):
+        pass
+
+    def on_epoch(row):
+        rows.append(row)
+        if row["epoch"] == 2:
+            raise Enough
+    with pytest.raises(Enough):
+        train_pytorch.main([*SHORT, "--epochs", "4", "--save_dir", str(tmp_path)], on_epoch=on_epoch)
+    assert [r["epoch"] for r in rows] == [1, 2] and {"val_acc", "val_loss", "lr"} <= set(rows[0])
+    assert torch.load(tmp_path / "last_tiny_pt.pth", weights_only=True)["epoch"] == 2
+
+
+def test_no_float64_on_the_training_device(tmp_path):
+    """Apple's MPS has no float64: an epoch, validation and test scoring must never make one on the device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Float64Watch(TorchDispatchMode):
+        seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float64 and t.device.type == DEVICE:
+                    self.seen.append(str(func))
+            return out
+    with Float64Watch() as watch:
+        code = train_pytorch.main([*SHORT[:-1], "--epochs", "1", "--amp", "--save_dir", str(tmp_path)])
+    assert code == 0
+    assert watch.seen == []
+
+
+def test_deterministic_runs_give_the_same_weights(tmp_path):
+    for name in ("a", "b"):
+        assert train_pytorch.main([*SHORT, "--epochs", "1", "--deterministic", "--save_dir", str(tmp_path / name)]) == 0
+    a, b = (torch.load(tmp_path / n / "best_model_tiny_pt.pth", weights_only=True)["state_dict"] for n in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cuda_graphs_on_without_cuda_is_a_clear_error(tmp_path):
+    if DEVICE == "cuda":
+        pytest.skip("this run is on CUDA")
+    result = run("--cuda_graphs", "on", "--device", "cpu", "--save_dir", str(tmp_path / "out"))
+    assert result.returncode == 2 and "--cuda_graphs on needs a CUDA device" in result.stderr

@@ -218,8 +218,9 @@ def random_affine(x, degrees=10.0, translate=0.1, scale=(0.9, 1.1), elastic=0.0,
         noise = torch.rand(n, 2, h, w, device=x.device, generator=generator, dtype=x.dtype) * 2 - 1
         size = 2 * int(2 * elastic_sigma) + 1  # +-2 sigma: the rest of the kernel adds nothing visible
         field = gaussian_blur(noise, [size, size], [elastic_sigma, elastic_sigma]) * elastic
-        pixel = torch.tensor([2.0 / w, 2.0 / h], device=x.device, dtype=x.dtype)  # pixels -> grid units
-        grid = grid + field.permute(0, 2, 3, 1) * pixel
+        # pixels -> grid units, with Python numbers: a tensor made from a list here would be a host-to-device
+        # copy, which a CUDA graph capture cannot take
+        grid = grid + torch.stack([field[:, 0] * (2.0 / w), field[:, 1] * (2.0 / h)], dim=-1)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 

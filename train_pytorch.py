@@ -90,8 +90,10 @@ def parse_args(argv=None):
     p.add_argument("--strong_augment", "--strong-augment", action=argparse.BooleanOptionalAction, default=False,
                    help="with --augment: elastic distortion (alpha 34, sigma 6 px) and 12 deg rotation instead; "
                         "for long schedules")
-    p.add_argument("--label_smoothing", "--label-smoothing", type=float, default=0.0,
-                   help="share of the target spread over all classes in the training loss (0 to <1)")
+    p.add_argument("--label_smoothing", "--label-smoothing", type=float, default=0.1,
+                   help="share of the target spread over all classes in the training loss (0 to <1); it also "
+                        "puts a floor of about 0.5 under the training loss. Measured on a 2-core CPU, seed 0: "
+                        "one epoch of simple 98.98%% at 0 vs 99.12%% at 0.1, ten epochs 99.42%% vs 99.59%%")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on with CUDA, off elsewhere)%(default).0s")

@@ -10,6 +10,8 @@ sys.path.insert(0, str(ROOT))
 
 # The device the training tests run on: the CPU in CI; MNIST_TEST_DEVICE=cuda runs them on a GPU unchanged.
 DEVICE = os.environ.get("MNIST_TEST_DEVICE", "cpu")
+# cuBLAS reads this when it starts: without it, tests that ask for deterministic algorithms fail on a GPU.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 @pytest.fixture(scope="session")

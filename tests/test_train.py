@@ -212,8 +212,19 @@ def test_resume_accepts_a_state_written_before_the_newer_settings_existed(tmp_pa
     assert "resuming after epoch 1 of 1" in result.stdout  # the stored run settings win, as before
 
 
-def make_step(model_name="tiny", compiled=False, steps=None):
-    """A TrainStep over 640 random images, built the way train_pytorch.set_up builds it, seed 0 throughout."""
+@pytest.fixture
+def deterministic():
+    """Deterministic kernels, so two runs on a GPU can be compared bit for bit (the CPU is deterministic anyway)."""
+    torch.use_deterministic_algorithms(True)
+    benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
+    torch.backends.cudnn.deterministic = True
+    yield
+    torch.use_deterministic_algorithms(False)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, benchmark
+
+
+def make_step(model_name="tiny", compiled=False, augment="standard"):
+    """A TrainStep over 640 random images on DEVICE, built the way train_pytorch.set_up builds it, seed 0."""
     import argparse
     import data_loader
     from cnn_pytorch import build_model
@@ -222,11 +233,12 @@ def make_step(model_name="tiny", compiled=False, steps=None):
     torch.manual_seed(0)
     images = torch.randint(0, 256, (640, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     labels = torch.randint(0, 10, (640,), generator=torch.Generator().manual_seed(2))
-    model = build_model(model_name).to(memory_format=torch.channels_last)
-    batches = data_loader.TrainBatches(images, labels, 64, augment="standard",
+    device = torch.device(DEVICE)
+    model = build_model(model_name).to(device).to(memory_format=torch.channels_last)
+    batches = data_loader.TrainBatches(images.to(device), labels.to(device), 64, augment=augment,
                                        generator=torch.Generator().manual_seed(0))
-    lrs = train_pytorch.LearningRates(args, len(batches), 1.0, torch.device("cpu"))
-    optimizer = train_pytorch.make_optimizer(args, model, torch.tensor(lrs.table[0].item()))
+    lrs = train_pytorch.LearningRates(args, len(batches), 1.0, device)
+    optimizer = train_pytorch.make_optimizer(args, model, torch.tensor(lrs.table[0].item(), device=device))
     step_model = torch.compile(model) if compiled else model
     step = train_pytorch.TrainStep(step_model, batches, optimizer, lrs, nullcontext(), label_smoothing=0.1)
     return model, optimizer, batches, step
@@ -241,16 +253,17 @@ def take_steps(model, batches, step, n):
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_warm_up_leaves_no_trace_in_the_run_that_follows(compiled):
+def test_warm_up_leaves_no_trace_in_the_run_that_follows(compiled, deterministic):
     """Warm-up steps (and, on CUDA, the capture) change weights, batch-norm statistics, Adam's moments, the step
     counter and the random state; all of it must be put back, with the compiled model the run really uses."""
     model, optimizer, batches, step = make_step("improved", compiled)  # batch norm, dropout, augmentation
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    rng = torch.get_rng_state()
+    rng = torch.get_rng_state(), torch.cuda.get_rng_state() if DEVICE == "cuda" else None
     graph, _ = train_pytorch.warm_up(step, model, optimizer)
-    assert graph is None  # no capture on the CPU
+    assert graph is None  # capture=False
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert torch.equal(torch.get_rng_state(), rng) and step.counter.item() == 0
+    assert torch.equal(torch.get_rng_state(), rng[0]) and step.counter.item() == 0
+    assert DEVICE != "cuda" or torch.equal(torch.cuda.get_rng_state(), rng[1])
     assert all(p.grad is None for p in model.parameters())
     take_steps(model, batches, step, 5)
     warmed = {k: v.clone() for k, v in model.state_dict().items()}
@@ -260,6 +273,32 @@ def test_warm_up_leaves_no_trace_in_the_run_that_follows(compiled):
     take_steps(model, batches, step, 5)
     assert all(torch.equal(warmed[k], v) for k, v in model.state_dict().items())
     assert all(torch.equal(a, s["exp_avg_sq"]) for a, s in zip(moments, optimizer.state.values()))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a CUDA GPU: .ci/gpu_check runs this with "
+                                             "MNIST_TEST_DEVICE=cuda")
+def test_graphed_steps_equal_eager_steps(deterministic):
+    """The captured step, replayed, trains exactly as the eager step does: same augmentation and dropout draws
+    (the CUDA generator inside the graph), same learning-rate schedule (the table on the device), same Adam."""
+    results = []
+    for capture in (False, True):
+        model, optimizer, batches, step = make_step("improved", augment="strong")
+        graph, _ = train_pytorch.warm_up(step, model, optimizer, capture=capture)
+        assert (graph is not None) == capture, "the capture failed: see the line printed above"
+        take = graph.replay if graph is not None else step
+        model.train()
+        batches.new_epoch()
+        step.start_epoch(1)
+        for _ in range(25):  # 10 steps an epoch: the counter wraps through the order as it does in training
+            take()
+        torch.cuda.synchronize()
+        results.append(({k: v.float().cpu() for k, v in model.state_dict().items()},
+                        step.loss_sum.item(), step.correct.item(), step.counter.item(), step.lr.item()))
+    (eager, *eager_sums), (graphed, *graphed_sums) = results
+    assert eager_sums[2:] == graphed_sums[2:] == [25, pytest.approx(step.lrs.table[24].item())]
+    assert graphed_sums[0] == pytest.approx(eager_sums[0], rel=1e-5) and graphed_sums[1] == eager_sums[1]
+    worst = max((eager[k] - graphed[k]).abs().max().item() for k in eager)
+    assert all(torch.allclose(eager[k], graphed[k], rtol=1e-5, atol=1e-6) for k in eager), f"max diff {worst}"
 
 
 def test_train_batches_of_two_ranks_together_are_the_single_process_batch():

@@ -238,18 +238,21 @@ def lr_scale(args, world):
 # The step: one optimiser step on one batch, everything on the device
 # ------------------------------------------------------------------------------------------------------------
 
-def make_optimizer(args, model, lr):
+def make_optimizer(args, model, lr, capturable=False):
     """lr is a 0-dim tensor on the training device, shared by every parameter group: the step writes the
-    scheduled rate into it on the device, so a captured graph follows the schedule without the host."""
+    scheduled rate into it on the device, so a captured graph follows the schedule without the host.
+
+    capturable: the step will be captured in a CUDA graph (PyTorch refuses to capture Adam without it, and warns
+    when a capturable optimiser runs eagerly)."""
     cuda = lr.device.type == "cuda"
-    if args.optimizer == "adam":  # fused on CUDA (one kernel, graph-safe); the plain loop elsewhere
+    if args.optimizer == "adam":  # fused on CUDA (one kernel for all parameters); the plain loop elsewhere
         return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=args.weight_decay,
-                                **({"fused": True} if cuda else {"foreach": False}))
-    if args.optimizer == "sgd":
+                                **({"fused": True, "capturable": capturable} if cuda else {"foreach": False}))
+    if args.optimizer == "sgd":  # SGD keeps no step count on the host: fused SGD is graph-safe as it is
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
                                weight_decay=args.weight_decay, **({"fused": True} if cuda else {}))
     return torch.optim.RMSprop(model.parameters(), lr=lr, weight_decay=args.weight_decay,
-                               **({"capturable": True, "foreach": True} if cuda else {}))
+                               **({"capturable": capturable, "foreach": True} if cuda else {}))
 
 
 def make_scheduler(args, optimizer, steps_per_epoch, scale=1.0):
@@ -610,9 +613,15 @@ def set_up(args, dist, say):
         say(f"distributed: {dist.world} processes x --batch_size {run.batches.batch_size} = "
             f"{dist.world * run.batches.batch_size} images per step; learning rates x {scale:.2f} "
             f"(--lr_scaling {args.lr_scaling})")
-    run.lrs = LearningRates(args, len(run.batches), scale, device)
-    run.optimizer = make_optimizer(args, step_model, torch.tensor(run.lrs.table[0].item(), device=device))
     compile_graphs = args.compile and args.compile_mode in COMPILE_GRAPH_MODES
+    # Whole-step CUDA graphs: single-process CUDA, unless torch.compile replays graphs of its own.
+    run.capture = (args.cuda_graphs != "off" and device.type == "cuda" and not dist.enabled
+                   and not compile_graphs and not args.dry_run)
+    if run.capture:  # the warm-up steps (and a failed capture's fallback) run it eagerly, on purpose
+        warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
+    run.lrs = LearningRates(args, len(run.batches), scale, device)
+    run.optimizer = make_optimizer(args, step_model, torch.tensor(run.lrs.table[0].item(), device=device),
+                                   capturable=run.capture)
     if args.compile:
         step_model = torch.compile(step_model, mode=None if args.compile_mode == "default" else args.compile_mode)
     run.step = TrainStep(step_model, run.batches, run.optimizer, run.lrs, run.ctx, args.label_smoothing,
@@ -632,9 +641,6 @@ def set_up(args, dist, say):
         run.state = RunState.from_dict(resume)
         say(f"resuming after epoch {run.state.epoch} of {args.epochs} from {run.last_path}")
 
-    # Whole-step CUDA graphs: single-process CUDA, unless torch.compile replays graphs of its own.
-    run.capture = (args.cuda_graphs != "off" and device.type == "cuda" and not dist.enabled
-                   and not compile_graphs)
     run.graph, run.warmup_seconds = None, 0.0
     if not args.dry_run and (device.type == "cuda" or args.compile):
         model.train()

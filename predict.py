@@ -1,4 +1,4 @@
-"""Predict the digit in your own pictures: python predict.py --image_path digit.png [more.jpg folder/ "scans/*.png"]
+"""Read the digit in your own pictures: python predict.py --image_path examples/ [photo.jpg scans/ "drawings/*.png"]
 
 Any common picture works (PNG, JPEG, BMP, GIF, TIFF, WebP; photos, scans, drawing-app exports with a
 transparent background): preprocess.image_to_mnist() turns each one into the 28x28 white-on-black digit the
@@ -10,6 +10,7 @@ import argparse
 import glob
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from cnn_pytorch import (MODELS, CheckpointError, check_model_type, load_checkpo
 from common import OneLineParser
 
 PROJECT_DIR = Path(__file__).resolve().parent
+EXAMPLES_DIR = PROJECT_DIR / "examples"  # five shipped pictures of digits to try (see examples/README.md)
 GLOB_CHARS = set("*?[")
 BAR_WIDTH = 30
 LOW_CONFIDENCE = 0.6
@@ -29,8 +31,9 @@ LOW_CONFIDENCE = 0.6
 def parse_args(argv=None):
     p = OneLineParser(prog="predict.py", description=__doc__.splitlines()[0],
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--image_path", "--image-path", nargs="+", required=True, metavar="PATH", default=argparse.SUPPRESS,
-                   help="one or more pictures, folders (every picture in them) or quoted globs like 'scans/*.jpg'")
+    p.add_argument("--image_path", "--image-path", nargs="+", metavar="PATH", default=None,
+                   help="one or more pictures, folders (every picture in them) or quoted globs like 'scans/*.jpg'; "
+                        "examples/ holds five to try")
     p.add_argument("--model_path", "--model-path", default=None,
                    help="checkpoint to use; default: results/best_model_simple_pt.pth, else the newest "
                         "results/best_model_*.pth, else the shipped pretrained/best_model_simple_pt.pth")
@@ -53,7 +56,22 @@ def parse_args(argv=None):
     return p
 
 
+def shown_path(path):
+    """A path of the project as the person should type it from where they are: relative when below the current
+    folder, absolute otherwise (so a command printed for them works as printed)."""
+    path = Path(path).resolve()
+    try:
+        shown = str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        shown = str(path)
+    return shown + os.sep if path.is_dir() else shown
+
+
 def check_args(parser, args):
+    if args.image_path is None:
+        parser.error(f"no picture given: pass --image_path with pictures or folders, e.g. `python "
+                     f"{shlex.quote(shown_path(__file__))} --image_path {shlex.quote(shown_path(EXAMPLES_DIR))}` "
+                     f"(five example digits ship with the project)")
     if not 1 <= args.top_k <= 10:
         parser.error(f"--top_k must be between 1 and 10, got {args.top_k}")
     if not 0 <= args.low_confidence <= 1:

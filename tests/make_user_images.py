@@ -18,6 +18,11 @@ Used by tests/test_predict.py (a few dozen per kind, in tmp_path) and, run as a 
 per kind with a checkpoint, against a naive resize-to-28x28:
 
     python tests/make_user_images.py --per_kind 500 --model_path pretrained/best_model_simple_pt.pth
+
+It also made the example pictures that ship in examples/ (EXAMPLES below: one picture per kind a newcomer is
+likely to have, each from a fixed MNIST test digit, shrunk to a few KB), and makes them again with
+
+    python tests/make_user_images.py --examples examples
 """
 import argparse
 import sys
@@ -190,6 +195,47 @@ def make_set(out_dir, images, labels, kinds=KINDS, per_kind=50, seed=0):
     return made
 
 
+# The pictures in examples/: (file name with the true digit, kind, MNIST test index, longest side in pixels,
+# JPEG quality). The indices are the first test digits of each class whose picture the shipped model reads
+# right with over 99% confidence; the sides and qualities keep all five under 30 KB together.
+EXAMPLES = (
+    ("photo_7.jpg", "photo", 0, 320, 80),        # phone photo of ink on paper, stored sideways + EXIF tag
+    ("scan_2.jpg", "scan", 1, 700, 75),          # a whole letter-size page scanned, one digit on it
+    ("drawing_3.png", "rgba", 30, None, None),   # drawing-app export: strokes on a transparent background
+    ("canvas_5.png", "big_canvas", 8, None, None),  # white-on-black canvas, small digit off the centre
+    ("pen_8.png", "thin_stroke", 61, None, None),   # thin pen on a large white canvas
+)
+
+
+def make_example(kind, digit, index, max_side=None):
+    """One example picture: (PIL image, suffix, save kwargs); its randomness is seeded by the test index alone."""
+    img, suffix, kwargs = make_one(kind, digit, np.random.default_rng([0, index]))
+    if max_side and max(img.size) > max_side:
+        scale = max_side / max(img.size)
+        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.LANCZOS,
+                         reducing_gap=3.0)
+    return img, suffix, kwargs
+
+
+def make_examples(out_dir, images, labels):
+    """Write the EXAMPLES into out_dir; returns [(path, label)]. A name whose digit is not the label is a bug."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    made = []
+    for name, kind, index, max_side, quality in EXAMPLES:
+        label = int(labels[index])
+        if name.rsplit(".", 1)[0][-1] != str(label):
+            raise ValueError(f"{name}: MNIST test image {index} is a {label}")
+        img, suffix, kwargs = make_example(kind, np.asarray(images[index], np.uint8), index, max_side)
+        if suffix == ".jpg":
+            kwargs = dict(kwargs, quality=quality or kwargs.get("quality", 85))
+        else:
+            kwargs = {"optimize": True}
+        img.save(out_dir / name, **kwargs)
+        made.append((out_dir / name, label))
+    return made
+
+
 def other_writers(count=None):
     """Digits written by other people: scikit-learn's bundled UCI set (1,797 digits by 43 writers, 8x8, 0-16).
 
@@ -236,6 +282,23 @@ def accuracy_by_kind(made, model_path):
     return results
 
 
+def score_examples(made, model_path):
+    """Print what the checkpoint reads in each example picture; 1 when any is misread (then pick other indices)."""
+    import torch
+    import preprocess
+    from cnn_pytorch import load_checkpoint
+    model, ckpt = load_checkpoint(model_path)
+    mean, std = ckpt["normalization"]["mean"], ckpt["normalization"]["std"]
+    wrong = 0
+    for path, label in made:
+        with torch.no_grad():
+            probs = model(preprocess.image_to_mnist(path, mean, std).unsqueeze(0)).softmax(1)[0]
+        wrong += int(probs.argmax()) != label
+        print(f"{path} ({path.stat().st_size / 1024:.1f} KB): digit {label}, read as {int(probs.argmax())} "
+              f"({float(probs.max()) * 100:.1f}%)")
+    return 1 if wrong else 0
+
+
 def main(argv=None):
     root = Path(__file__).resolve().parent.parent
     sys.path.insert(0, str(root))
@@ -248,10 +311,16 @@ def main(argv=None):
                    help="also score scikit-learn's 1,797 UCI digits by 43 other writers (8x8, upscaled)")
     p.add_argument("--model_path", default=str(root / "pretrained" / "best_model_simple_pt.pth"),
                    help="checkpoint to score (default: the shipped pretrained model)")
+    p.add_argument("--examples", metavar="DIR", default=None,
+                   help="instead: write the example pictures of EXAMPLES into DIR (the shipped ones: examples) "
+                        "and score them with --model_path")
     args = p.parse_args(argv)
     import tempfile
     import data_loader
     test_x, test_y = data_loader.load_mnist()["test"]
+    if args.examples:
+        made = make_examples(args.examples, test_x.numpy(), test_y.numpy())
+        return score_examples(made, args.model_path)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out) if args.out else Path(tmp)
         made = make_set(out, test_x.numpy(), test_y.numpy(), args.kinds, args.per_kind, args.seed)
@@ -262,4 +331,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,6 +1,9 @@
-"""image_to_mnist() and predict.py: real picture formats, pictures as people send them, bad input, the CLI."""
+"""image_to_mnist() and predict.py: real picture formats, pictures as people send them, bad input, the CLI, the
+shipped example pictures."""
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -344,3 +347,58 @@ def test_command_line_from_another_folder(pictures, tmp_path):
                           cwd=paths[0].parent, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("digit0.png: ") and done.stderr.startswith("model: ")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The shipped example pictures, and what a newcomer is told
+# ---------------------------------------------------------------------------------------------------------
+
+EXAMPLES = ROOT / "examples"
+
+
+def test_examples_are_read_right_by_the_shipped_model(capsys):
+    """Every shipped example, through predict.py with the shipped model: the digit its name says."""
+    code, out, err = run(["--image_path", EXAMPLES, "--model_path", PRETRAINED], capsys)
+    assert code == 0, err
+    names = sorted(name for name, *_ in mk.EXAMPLES)
+    assert [line.split(": ")[0] for line in out] == [str(EXAMPLES / name) for name in names]
+    for line, name in zip(out, names):
+        digit, confidence = line.split(": ")[1].split(" ")
+        assert digit == name.split(".")[0][-1] and float(confidence.strip("(%)")) >= 99.0, line
+
+
+def test_examples_are_small_described_and_what_the_generator_makes(mnist_test, tmp_path):
+    shipped = sorted(p.name for p in EXAMPLES.iterdir() if p.suffix != ".md")
+    assert shipped == sorted(name for name, *_ in mk.EXAMPLES)
+    assert sum((EXAMPLES / name).stat().st_size for name in shipped) < 60_000  # tens of KB in all
+    assert Image.open(EXAMPLES / "drawing_3.png").mode == "RGBA"  # the transparent drawing-app export
+    assert Image.open(EXAMPLES / "photo_7.jpg").getexif().get(0x0112) == 6  # stored sideways, as phones do
+    readme = (EXAMPLES / "README.md").read_text()
+    assert "Attribution-Share Alike 3.0" in readme and "python tests/make_user_images.py --examples examples" in readme
+    for name, kind, index, *_ in mk.EXAMPLES:
+        assert re.search(rf"`{re.escape(name)}` \| [^|]+ \| {index} \|", readme), name
+    made = mk.make_examples(tmp_path, *mnist_test)
+    for path, label in made:
+        again = np.asarray(Image.open(path), np.float32)
+        shipped_pixels = np.asarray(Image.open(EXAMPLES / path.name), np.float32)
+        assert again.shape == shipped_pixels.shape and np.abs(again - shipped_pixels).mean() < 1.0, path.name
+
+
+def test_no_picture_says_what_to_pass_and_the_command_works(tmp_path):
+    """`python predict.py` alone: one line, exit 2, naming a command on the shipped examples that works as printed."""
+    done = subprocess.run([sys.executable, str(ROOT / "predict.py")], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert len(done.stderr.splitlines()) == 1 and "--image_path" in done.stderr and "examples" in done.stderr
+    command = re.search(r"`(python [^`]+)`", done.stderr).group(1)
+    tried = subprocess.run(command.replace("python", shlex.quote(sys.executable), 1), shell=True, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    assert tried.returncode == 0, tried.stderr
+    assert len(tried.stdout.splitlines()) == len(mk.EXAMPLES)
+
+
+def test_no_picture_from_the_project_folder_is_the_short_command(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    code, out, err = run([], capsys)
+    assert code == 2 and out == [] and len(err) == 1
+    assert "`python predict.py --image_path examples/`" in err[0]

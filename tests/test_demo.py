@@ -1,7 +1,10 @@
-"""demo.py: the setup check passes here, names a corrupted data file, names a missing package and its install."""
+"""demo.py: the setup check passes here and its next command works as printed; it names a corrupted data file,
+a missing package and its install; test-only packages are optional; a broken checkpoint load fails the round trip."""
 import importlib
 import importlib.metadata
 import io
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -10,12 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import cnn_pytorch
+import data_loader
 import demo
 from cnn_pytorch import MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
 RAW = ROOT / "data" / "MNIST" / "raw"
-CHECKS = (["Python"] + [name for name, _ in demo.parse_requirements()] + ["Compute", "Data"]
+CHECKS = (["Python"] + [name for name, _, _ in demo.parse_requirements()] + ["Compute", "Data"]
           + [f"Model {name}" for name in MODELS] + ["Learning", "Round trip", "Prediction", "Plot"])
 
 
@@ -33,9 +38,19 @@ def test_demo_passes_here_and_prints_every_check(tmp_path):
     for name in CHECKS:
         assert any(f" {name} " in line and line.startswith(("✓", "ok")) for line in lines), (name, done.stdout)
     assert not any(line.startswith(("✗", "FAIL", "–", "skip")) for line in lines), done.stdout
-    assert "Ready" in done.stdout and demo.NEXT_COMMAND in done.stdout
+    assert "Ready" in done.stdout
     plot = tmp_path / "demo_predictions.png"
     assert plot.is_file() and plot.stat().st_size > 10_000
+
+    # It ends with the next command to try, and that command works as printed, from where demo.py was run.
+    assert lines[-1].startswith("Next: python ")
+    command = lines[-1][len("Next: "):]
+    assert "examples" in command
+    tried = subprocess.run(command.replace("python", shlex.quote(sys.executable), 1), shell=True, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    assert tried.returncode == 0, tried.stderr
+    read = re.findall(r"^(\S+)_(\d)\.\w+: (\d) \(", tried.stdout, re.M)
+    assert len(read) == 5 and all(name_digit == said for _, name_digit, said in read), tried.stdout
 
 
 @pytest.mark.parametrize("with_unpacked", [False, True], ids=["gz-only", "gz-and-unpacked"])
@@ -111,8 +126,12 @@ def test_old_package_is_named_with_upgrade_command(monkeypatch):
 
 
 def test_requirements_and_versions_are_read_right():
-    reqs = dict(demo.parse_requirements())
+    found = demo.parse_requirements()
+    reqs = {name: spec for name, spec, _ in found}
+    sections = {name: section for name, _, section in found}
     assert reqs["torch"] == ">=2.6" and reqs["scikit-learn"] == ">=1.3" and "pytest" in reqs
+    assert sections["torch"] == "runtime" and sections["onnx"] == "deployment"
+    assert {name for name, section in sections.items() if section == demo.TEST_SECTION} == {"pytest", "playwright"}
     assert demo.version_tuple("2.14.1+cu128") == (2, 14, 1) and demo.version_tuple("2.6.0") == (2, 6)
     assert demo.satisfies("0.13.2", ">=0.13") and not demo.satisfies("0.9.0", ">=0.13")  # numbers, not text
     assert demo.satisfies("2.6.0", ">=2.6") and not demo.satisfies("2.6.0rc1", ">=2.6.1")
@@ -138,3 +157,126 @@ def test_bad_flag_exits_2(capsys):
     with pytest.raises(SystemExit) as stop:
         demo.main(["--epochs", "3"])
     assert stop.value.code == 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Test-only packages are optional
+# ---------------------------------------------------------------------------------------------------------
+
+def _pretend_missing(monkeypatch, *names):
+    real_version = importlib.metadata.version
+
+    def version(dist):
+        if dist.lower() in names:
+            raise importlib.metadata.PackageNotFoundError(dist)
+        return real_version(dist)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+
+
+def _packages_and_summary(requirements):
+    out = io.StringIO()
+    cl = demo.Checklist(out)
+    demo.check_packages(cl, requirements)
+    return cl, demo.summary(cl, 1.0), out.getvalue().splitlines()
+
+
+def test_missing_test_packages_are_an_optional_note(tmp_path, monkeypatch):
+    """pytest and playwright (requirements.txt's "# Tests" section) missing: a note with the install, exit 0;
+    a runtime package missing in the same file is still a failure."""
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("# Runtime\nnumpy>=1.24   # arrays\n# Tests\npytest>=8.0\nplaywright>=1.40  # browser\n")
+    _pretend_missing(monkeypatch, "pytest", "playwright")
+    cl, code, lines = _packages_and_summary(requirements)
+    assert code == 0 and not cl.failures
+    for name in ("pytest", "playwright"):
+        line = next(line for line in lines if f" {name} " in line)
+        assert line.startswith(("○", "opt")) and "only the tests need it" in line, line
+    assert next(line for line in lines if " numpy " in line).startswith(("✓", "ok"))
+    assert any(line.startswith("Ready") for line in lines)
+    note = next(line for line in lines if line.startswith("Optional"))
+    assert "pip install 'pytest>=8.0'" in note and "pip install 'playwright>=1.40'" in note
+    assert lines[-1].startswith("Next: ")
+
+    _pretend_missing(monkeypatch, "pytest", "playwright", "numpy")
+    cl, code, lines = _packages_and_summary(requirements)
+    assert code == 1 and not any(line.startswith("Ready") for line in lines)
+    assert [name for name, _, _ in cl.failures] == ["numpy"]
+    assert [name for name, _, _ in cl.notes] == ["pytest", "playwright"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The round trip proves what it claims
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_like():
+    """A simple CNN as check_learning leaves it (channels-last, on the CPU), and 64 real validation images."""
+    torch.manual_seed(0)
+    model = cnn_pytorch.build_model(demo.LEARN_MODEL).to(memory_format=torch.channels_last)
+    return model, data_loader.get_splits()["val"][0][:64]
+
+
+def test_round_trip_passes_with_a_faithful_load(trained_like, tmp_path):
+    model, sample = trained_like
+    detail, (loaded, ckpt) = demo.check_round_trip(model, sample, torch.device("cpu"), tmp_path)
+    assert "tensors equal" in detail and ckpt["model"] == demo.LEARN_MODEL
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key])
+
+
+def _perturb_one_weight(real_load):
+    def load(path, device="cpu", expected_model=None):
+        model, ckpt = real_load(path, device, expected_model)
+        with torch.no_grad():
+            next(model.parameters()).view(-1)[0] += 1e-6  # one number, off by rounding size
+        return model, ckpt
+    return load
+
+
+def _skip_load_state_dict(real_load):
+    def load(path, device="cpu", expected_model=None):
+        _, ckpt = real_load(path, device, expected_model)
+        return cnn_pytorch.build_model(ckpt["model"], **ckpt["model_args"]).to(device).eval(), ckpt  # fresh weights
+    return load
+
+
+def _drop_a_buffer(real_load):
+    def load(path, device="cpu", expected_model=None):
+        model, ckpt = real_load(path, device, expected_model)
+        model.register_buffer("stray", torch.zeros(1))  # a state the trained model does not have
+        return model, ckpt
+    return load
+
+
+@pytest.mark.parametrize("broken", [_perturb_one_weight, _skip_load_state_dict, _drop_a_buffer],
+                         ids=["one-weight-off", "no-load_state_dict", "extra-tensor"])
+def test_round_trip_fails_when_the_load_is_broken(trained_like, tmp_path, monkeypatch, broken):
+    model, sample = trained_like
+    monkeypatch.setattr(cnn_pytorch, "load_checkpoint", broken(cnn_pytorch.load_checkpoint))
+    with pytest.raises(demo.Failed) as failed:
+        demo.check_round_trip(model, sample, torch.device("cpu"), tmp_path)
+    assert "differ" in failed.value.detail
+    assert "cnn_pytorch.py" in failed.value.fix and "reinstall" not in failed.value.fix.lower()
+
+
+def test_round_trip_fails_on_logits_a_device_cannot_explain(trained_like, tmp_path, monkeypatch):
+    """Equal weights but a model that computes something else once loaded (here: its last layer scaled)."""
+    model, sample = trained_like
+    real_load = cnn_pytorch.load_checkpoint
+
+    def load(path, device="cpu", expected_model=None):
+        loaded, ckpt = real_load(path, device, expected_model)
+        forward = loaded.forward
+        loaded.forward = lambda x: forward(x) * (1 + 1e-3)
+        return loaded, ckpt
+
+    monkeypatch.setattr(cnn_pytorch, "load_checkpoint", load)
+    with pytest.raises(demo.Failed) as failed:
+        demo.check_round_trip(model, sample, torch.device("cpu"), tmp_path)
+    assert "logits" in failed.value.detail and "reinstall" not in failed.value.fix.lower()
+
+
+def test_logit_tolerance_fits_the_device():
+    assert demo.logits_rtol("cpu") == 1e-5
+    assert demo.logits_rtol(torch.device("cuda", 0)) == demo.logits_rtol("mps") == 1e-3

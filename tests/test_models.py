@@ -106,3 +106,56 @@ def test_model_type_mismatch_is_an_error(tmp_path):
     save_checkpoint(path, build_model("simple"), "simple", NORMALIZATION)
     with pytest.raises(CheckpointError, match="not 'improved'"):
         load_checkpoint(path, expected_model="improved")
+
+
+# Arguments other than the defaults, as a user (or train_pytorch's --dropout) would pass them.
+OTHER_ARGS = {"simple": {"channels": [8, 16], "hidden": 64, "dropout": 0.3},
+              "improved": {"channels": [8, 16, 24], "hidden": [64, 32], "dropout": [0.0, 0.5]},
+              "tiny": {"channels": [4, 8, 12]}}
+
+
+def test_every_model_argument_has_a_rule_for_checkpoints():
+    """read_checkpoint accepts only arguments with a rule: a new constructor parameter needs one in MODEL_ARG_RULES."""
+    import inspect
+
+    from cnn_pytorch import MODEL_ARG_RULES
+    assert set(OTHER_ARGS) == set(MODELS)
+    for name, cls in MODELS.items():
+        params = [p for p in inspect.signature(cls).parameters]
+        assert set(params) <= set(MODEL_ARG_RULES), f"{name}: no rule for {set(params) - set(MODEL_ARG_RULES)}"
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("args", ["defaults", "other"])
+def test_a_model_built_on_the_meta_device_has_the_real_models_shapes(name, args):
+    """read_checkpoint learns the shapes from a meta-device model; they must be the real model's, to the key."""
+    model_args = OTHER_ARGS[name] if args == "other" else {}
+    with torch.device("meta"):
+        meta = build_model(name, **model_args)
+    real = build_model(name, **model_args)
+    assert {k: v.shape for k, v in meta.state_dict().items()} == {k: v.shape for k, v in real.state_dict().items()}
+    assert count_parameters(meta) == count_parameters(real)
+    assert all(p.is_meta for p in meta.parameters()) and not any(p.is_meta for p in real.parameters())
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_checkpoint_with_other_arguments_loads_exactly(tmp_path, name):
+    torch.manual_seed(2)
+    model = build_model(name, **OTHER_ARGS[name]).eval()
+    path = tmp_path / "m.pth"
+    save_checkpoint(path, model, name, NORMALIZATION, model_args=OTHER_ARGS[name])
+    loaded, ckpt = load_checkpoint(path, expected_model=name)
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.equal(model(x), loaded(x)) and ckpt["model_args"] == OTHER_ARGS[name]
+    assert count_parameters(loaded) == count_parameters(model)
+
+
+def test_read_checkpoint_returns_tensors_in_memory_not_mapped_from_the_file(tmp_path):
+    """The file is mapped while it is checked; what comes back must not depend on it (resume replaces it)."""
+    path = tmp_path / "m.pth"
+    save_checkpoint(path, build_model("tiny"), "tiny", NORMALIZATION)
+    ckpt = read_checkpoint(path)
+    before = {k: v.clone() for k, v in ckpt["state_dict"].items()}
+    path.write_bytes(b"replaced")
+    path.unlink()
+    assert all(torch.equal(before[k], v) for k, v in ckpt["state_dict"].items())

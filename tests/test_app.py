@@ -215,6 +215,101 @@ def test_server_survives_bad_clients(server, digits):
     assert status == 200 and answer["prediction"] == 3
 
 
+def listening_addresses(port):
+    """The local addresses (hex, as the kernel writes them) of every IPv4/IPv6 socket listening on `port` (Linux)."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            local, state = row.split()[1], row.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.append(address)
+    return found
+
+
+def test_listens_on_127_0_0_1_unless_host_says_otherwise(server):
+    """The default address is the loopback one: nobody else on the network can reach the page by accident."""
+    import app
+    assert app.parse_args().parse_args([]).host == "127.0.0.1"
+    host, port = server.split("//")[1].split(":")  # from its startup line, which prints the bound socket's address
+    assert host == "127.0.0.1"
+    with socket.create_connection(("127.0.0.1", int(port)), timeout=10) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert s.recv(100).startswith(b"HTTP/1.1 200")
+    if sys.platform == "linux":  # the kernel's own table: one listening socket, on 127.0.0.1 (0100007F), not 0.0.0.0
+        assert listening_addresses(int(port)) == ["0100007F"]
+
+
+LOAD_REQUESTS, LOAD_CLIENTS, STALLED = 500, 32, 20  # the issue's shape; measured here: 500/500, ~75 requests/s
+LOAD_SECONDS = 60
+
+
+def stall(host, port, n):
+    """n connections that stop mid-request and stay open: half inside the headers, half inside the body."""
+    sockets = []
+    for i in range(n):
+        s = socket.create_connection((host, port), timeout=10)
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " if i % 2 else
+                  b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 4000\r\n\r\n\x89PNG\r\n" + bytes(100))
+        sockets.append(s)
+    return sockets
+
+
+def test_under_load_with_stalled_connections_every_request_is_answered(server, digits):
+    """500 pictures from 32 clients at once, a new connection each, while 20 connections hang mid-request."""
+    import http.client
+    host, port = server.split("//")[1].split(":")
+    port = int(port)
+    bodies = [(label, picture(d, scale=2 + i % 3)) for i, (label, d) in enumerate(digits)]
+    todo, lock, results = iter(range(LOAD_REQUESTS)), threading.Lock(), []
+    deadline = time.monotonic() + LOAD_SECONDS
+
+    def client():
+        while time.monotonic() < deadline:
+            with lock:
+                i = next(todo, None)
+            if i is None:
+                return
+            label, body = bodies[i % len(bodies)]
+            started = time.perf_counter()
+            try:
+                conn = http.client.HTTPConnection(host, port, timeout=30)
+                conn.request("POST", "/predict", body, {"Content-Type": "image/png"})
+                answer = conn.getresponse()
+                ok = answer.status == 200 and json.loads(answer.read())["prediction"] == label
+                conn.close()
+            except (OSError, http.client.HTTPException) as err:
+                ok = repr(err)
+            with lock:
+                results.append((ok, time.perf_counter() - started))
+
+    stalled = stall(host, port, STALLED)
+    try:
+        started = time.perf_counter()
+        clients = [threading.Thread(target=client, daemon=True) for _ in range(LOAD_CLIENTS)]
+        for t in clients:
+            t.start()
+        for t in clients:
+            t.join(max(0.1, deadline - time.monotonic() + 35))
+        seconds = time.perf_counter() - started
+        answered = sum(ok is True for ok, _ in results)
+        latencies = sorted(s for _, s in results)
+        p99 = latencies[max(0, round(0.99 * len(latencies)) - 1)] if latencies else float("nan")
+        print(f"{answered}/{LOAD_REQUESTS} answered right with {STALLED} stalled connections: {seconds:.1f} s, "
+              f"{len(results) / seconds:.1f} requests/s, p50 {latencies[len(latencies) // 2] * 1000:.0f} ms, "
+              f"p99 {p99 * 1000:.0f} ms")
+        assert answered == LOAD_REQUESTS, [ok for ok, _ in results if ok is not True][:5]
+        assert seconds < LOAD_SECONDS
+        assert request(server + "/health")[0] == 200  # the stalled ones still hang; the server still answers
+    finally:
+        for s in stalled:
+            s.close()
+
+
 # ---- the command line --------------------------------------------------------------------------------------
 
 def one_line_exit_2(capsys, argv):

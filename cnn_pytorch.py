@@ -168,9 +168,13 @@ class CheckpointError(Exception):
 
 
 def atomic_save(obj, path):
-    """torch.save through common.atomic_write: a crash never leaves half a checkpoint."""
-    with atomic_write(path) as tmp:
-        torch.save(obj, tmp)
+    """torch.save through common.atomic_write: a crash never leaves half a checkpoint.
+
+    Saved through a file object: given a path, torch.save names the archive's root folder after the file, which
+    here is the temporary name (with the writer's pid) rather than anything the file should carry.
+    """
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def _plain(value):

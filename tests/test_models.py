@@ -1,6 +1,7 @@
 """The model table and the checkpoint: every model runs, and a checkpoint rebuilds exactly what was saved."""
 import os
 import pickle
+import zipfile
 
 import pytest
 import torch
@@ -58,6 +59,7 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path, name):
     assert ckpt["classes"] == [str(d) for d in range(10)]
     assert set(ckpt["normalization"]) == {"mean", "std"}
     assert not list(tmp_path.glob(".*tmp*")), "the temporary file of the atomic write was left behind"
+    assert not any(".tmp" in name for name in zipfile.ZipFile(path).namelist())  # nor is its name inside the file
 
 
 class _RunsCode:

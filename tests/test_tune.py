@@ -108,7 +108,7 @@ def test_grid_runs_18_trials_writes_the_heatmap_and_never_touches_the_test_set(t
     monkeypatch.setattr(data_loader, "get_splits", get_splits)
     monkeypatch.setattr(train_pytorch, "predict_probs", predict_probs)
 
-    assert tune.main([*FAST, "--save_dir", str(tmp_path)]) == 0
+    assert tune.main([*FAST, "--jobs", "1", "--save_dir", str(tmp_path)]) == 0  # in this process, patched
 
     rows = read_rows(tmp_path)
     assert len(rows) == 18 and {r["state"] for r in rows} == {"complete"}
@@ -129,7 +129,7 @@ def test_grid_runs_18_trials_writes_the_heatmap_and_never_touches_the_test_set(t
 
 
 def test_a_killed_study_resumes_to_the_asked_number_of_trials_none_repeated(tmp_path):
-    flags = ["--search", "tpe", "--trials", "6", *FAST, "--save_dir", str(tmp_path)]
+    flags = ["--search", "tpe", "--trials", "6", "--jobs", "1", *FAST, "--save_dir", str(tmp_path)]
     with open(tmp_path / "run.log", "w") as log:
         # Ctrl-C: the running trial is recorded as failed and the command says how to resume.
         proc = start(*flags, log=log)
@@ -208,7 +208,7 @@ def postgres():
 
 
 def test_two_commands_share_one_study_through_postgresql(tmp_path, postgres):
-    flags = ["--search", "random", "--trials", "4", "--storage", postgres, "--study", "shared", *FAST]
+    flags = ["--search", "random", "--trials", "4", "--jobs", "1", "--storage", postgres, "--study", "shared", *FAST]
     logs = [open(tmp_path / f"machine{i}.log", "w") for i in (1, 2)]
     try:  # two "machines": the same command, each with its own --save_dir
         procs = [start(*flags, "--save_dir", str(tmp_path / f"machine{i}"), log=log)

@@ -733,7 +733,8 @@ def write_summary(args, rows, wall_seconds, plots, best_result=None):
              f"- search: {settings['search']}, {target_trials(settings, args.trials)} trials of `--model "
              f"{settings['model']}`, {settings['epochs']} epoch{'s' if settings['epochs'] > 1 else ''} each on "
              f"{images} training images, seed "
-             f"{settings['seed']}; scored on the 5,000-image validation split (the test set is not used)",
+             f"{settings['seed']}; trials are scored on the 5,000-image validation split, the test set is used "
+             f"only by `--train_best`",
              f"- storage: {args.storage_label}, study `{args.study}`",
              f"- trials: {states['complete']} complete, {states['pruned']} pruned, {states['fail']} failed"
              + (f", {states['running']} running elsewhere" if states["running"] else "")

@@ -75,18 +75,20 @@ def start(*flags, log):
                             start_new_session=True)
 
 
-def wait_for_done(save_dir, name, n, proc, timeout=180):
-    """Until the storage holds n finished trials (the command is still at work)."""
+def wait_for_running(save_dir, name, n, proc, timeout=180):
+    """Until the storage holds n finished trials and the command is in the middle of the next one."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, "the command ended before it could be interrupted"
         if (save_dir / "study.journal").exists():
             try:
-                if len(journal_study(save_dir, name).get_trials(states=DONE)) >= n:
-                    return
+                trials = journal_study(save_dir, name).get_trials()
             except KeyError:  # the study is not created yet
-                pass
-        time.sleep(0.2)
+                trials = []
+            if (sum(t.state in DONE for t in trials) >= n
+                    and any(t.state == TrialState.RUNNING and "flags" in t.user_attrs for t in trials)):
+                return
+        time.sleep(0.05)
     raise AssertionError(f"{n} trials were not done within {timeout} s")
 
 
@@ -133,22 +135,25 @@ def test_a_killed_study_resumes_to_the_asked_number_of_trials_none_repeated(tmp_
     with open(tmp_path / "run.log", "w") as log:
         # Ctrl-C: the running trial is recorded as failed and the command says how to resume.
         proc = start(*flags, log=log)
-        wait_for_done(tmp_path, "tpe-tiny", 2, proc)
+        wait_for_running(tmp_path, "tpe-tiny", 2, proc)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 130
         # A crash: killed outright, its running trial left behind as RUNNING in the storage.
         proc = start(*flags, log=log)
-        wait_for_done(tmp_path, "tpe-tiny", 4, proc)
+        wait_for_running(tmp_path, "tpe-tiny", 4, proc)
         proc.kill()
         proc.wait(timeout=60)
     output = (tmp_path / "run.log").read_text()
     assert "the same command resumes the study" in output
+    notes = [t.user_attrs.get("note") for t in journal_study(tmp_path, "tpe-tiny").get_trials()]
+    assert notes.count("interrupted") == 1 and notes.count(None) >= 4
 
     result = subprocess.run([sys.executable, SCRIPT, *flags], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "tpe-tiny: 6 of 6 trials done" in result.stdout
     study = journal_study(tmp_path, "tpe-tiny")
     assert_finished_once_each(study, 6)
+    assert [t.user_attrs.get("note") for t in study.get_trials()].count("worker died") == 1  # the crash's trial
     assert len([r for r in read_rows(tmp_path) if r["state"] in ("complete", "pruned")]) == 6
     assert (tmp_path / "optimization_history.png").exists() and (tmp_path / "param_importances.png").exists()
 

@@ -44,7 +44,7 @@ GRID = {"learning_rate": [0.001, 0.0001], "optimizer": ["adam", "sgd", "rmsprop"
 DEFAULT_EPOCHS = 1
 DEFAULT_TRIALS = 30           # --search tpe|random
 JOBS_PER_GPU = 4              # see --jobs
-CPU_JOBS_MAX = 4              # on the CPU: one trial per core, at most this many (each holds ~0.5 GB of memory)
+CPU_JOBS_MAX = 4              # on the CPU: one trial per core, at most this many (a worker holds about 1 GB)
 TRAIN_IMAGES = 55_000         # MNIST's 60,000 training images less train_pytorch's default 5,000 for validation
 SEARCH_BATCH_SIZES = [64, 128, 256, 512]
 # --augment in the search space -> train_pytorch flags

@@ -23,13 +23,13 @@ def test_time_to_a_mark_is_the_shortest_budget_whose_mean_reaches_it():
 
 
 def test_a_small_benchmark_writes_json_and_markdown(tmp_path, capsys):
-    code = benchmark.main(["--models", "simple", "--epochs", "1", "--seeds", "2", "--no_baseline", "--device", DEVICE,
-                           "--extra", "--train_subset 2000", "--out", str(tmp_path)])
+    code = benchmark.main(["--models", "tiny", "--epochs", "1", "--seeds", "2", "--no_baseline", "--device", DEVICE,
+                           "--extra", "--train_subset 6000", "--out", str(tmp_path)])
     assert code == 0
     result = json.loads((tmp_path / "benchmark.json").read_text())
-    (simple,) = result["models"]
-    assert [r["seed"] for r in simple["runs"]] == [0, 1]
-    assert all(0.8 < r["test_accuracy"] < 1 and r["training_seconds"] > 0 for r in simple["runs"])
-    assert simple["inference"]["latency_ms_batch1"] > 0
+    (tiny,) = result["models"]
+    assert [r["seed"] for r in tiny["runs"]] == [0, 1]
+    assert all(0.8 < r["test_accuracy"] < 1 and r["training_seconds"] > 0 for r in tiny["runs"])
+    assert tiny["inference"]["latency_ms_batch1"] > 0
     table = (tmp_path / "benchmark.md").read_text()
-    assert "| simple | 1 | 2 |" in table and result["machine"]["cpu_cores"] >= 1
+    assert "| tiny | 1 | 2 |" in table and result["machine"]["cpu_cores"] >= 1

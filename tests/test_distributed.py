@@ -28,7 +28,7 @@ def free_port():
 
 
 def test_torchrun_two_processes_match_a_single_process_run(tmp_path, mnist_splits):
-    single = subprocess.run([sys.executable, SCRIPT, *FLAGS, "--batch_size", "128", "--save_dir",
+    single = subprocess.run([sys.executable, SCRIPT, *FLAGS, "--batch_size", "128", "--no_test", "--save_dir",
                              str(tmp_path / "single")], capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
@@ -43,7 +43,6 @@ def test_torchrun_two_processes_match_a_single_process_run(tmp_path, mnist_split
     single = torch.load(tmp_path / "single" / "best_model_simple_pt.pth", weights_only=True)
     for k, v in single["state_dict"].items():  # the same weights, up to float rounding of the gradient average
         assert torch.allclose(ckpt["state_dict"][k], v, rtol=0, atol=2e-4), k  # measured: 3e-5 at most
-    assert ckpt["test_accuracy"] == pytest.approx(single["test_accuracy"], abs=0.0002)  # 2 of 10,000 images
     assert ckpt["test_accuracy"] > 0.9
 
     # The reduced test accuracy is the accuracy of the saved model on the whole test set.

@@ -43,7 +43,7 @@ PRESETS = {
 # Settings that define a run: restored from the last checkpoint on --resume so it ends as it would have.
 RUN_SETTINGS = ("model", "epochs", "batch_size", "learning_rate", "max_lr", "optimizer", "scheduler", "patience",
                 "weight_decay", "seed", "val_size", "augment", "strong_augment", "label_smoothing", "train_subset",
-                "dropout", "lr_scaling")
+                "dropout", "lr_scaling", "deterministic")
 # torch.compile modes that replay CUDA graphs of their own: the project's whole-step graph stays out of their way.
 COMPILE_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 WARM_UP_STEPS = 3  # cuDNN autotune, lazy initialisation, compilation: all done before the clock starts

@@ -74,9 +74,15 @@ def test_a_run_writes_every_documented_output(small_run):
     assert len(rows) == 1 and float(rows[0]["val_acc"]) == pytest.approx(ckpt["val_accuracy"], abs=1e-6)
 
 
+# On a GPU: eager steps (a replayed graph does not call TrainStep, so it could not be interrupted by counting
+# calls) and deterministic kernels (else the resumed run is only close to the uninterrupted one, not equal).
+EXACT_ON_GPU = ["--cuda_graphs", "off", "--deterministic"] if DEVICE == "cuda" else []
+
+
 def interrupt_after(monkeypatch, steps):
-    """Ctrl-C after a given number of training steps (counted from the start of this process's run): the same
-    KeyboardInterrupt a SIGINT raises, at a point that does not depend on the machine's speed."""
+    """Ctrl-C after a given number of training steps (counted from the start of this process's run, the warm-up's
+    3 on a GPU included): the same KeyboardInterrupt a SIGINT raises, at a point that does not depend on the
+    machine's speed."""
     real, taken = train_pytorch.TrainStep.__call__, []
 
     def step(self):
@@ -95,7 +101,7 @@ def test_ctrl_c_then_resume_ends_exactly_where_an_uninterrupted_run_ends(tmp_pat
     """Same seed, same restored optimiser, schedule, batch-norm and random state: on the CPU the resumed run is
     the uninterrupted run, bit for bit (history rows and final weights)."""
     flags = ["--train_subset", "3000", "--val_size", "1000", "--epochs", "3", "--device", DEVICE, "--no_progress",
-             "--batch_size", "100"]  # 30 steps an epoch; dropout, augmentation and onecycle all in play
+             "--batch_size", "100", *EXACT_ON_GPU]  # 30 steps an epoch; dropout, augmentation, onecycle in play
     assert train_pytorch.main([*flags, "--save_dir", str(tmp_path / "straight")]) == 0
     with monkeypatch.context() as m:
         interrupt_after(m, 30 + 7)  # 7 steps into epoch 2
@@ -103,7 +109,7 @@ def test_ctrl_c_then_resume_ends_exactly_where_an_uninterrupted_run_ends(tmp_pat
     err = capsys.readouterr().err
     assert "interrupted in epoch 2" in err and "--resume" in err
     assert torch.load(tmp_path / "cut" / "last_simple_pt.pth", weights_only=True)["epoch"] == 1
-    assert train_pytorch.main(["--resume", "--save_dir", str(tmp_path / "cut"), "--device", DEVICE,
+    assert train_pytorch.main(["--resume", *EXACT_ON_GPU, "--save_dir", str(tmp_path / "cut"), "--device", DEVICE,
                                "--no_progress"]) == 0
     assert "resuming after epoch 1 of 3" in capsys.readouterr().out
     straight, resumed = (list(csv.DictReader(open(tmp_path / name / "history_simple.csv")))
@@ -118,7 +124,7 @@ def test_ctrl_c_then_resume_ends_exactly_where_an_uninterrupted_run_ends(tmp_pat
 
 def test_ctrl_c_before_the_first_epoch_ends_writes_nothing(tmp_path, monkeypatch, capsys):
     interrupt_after(monkeypatch, 3)
-    code = train_pytorch.main(["--train_subset", "2000", "--device", DEVICE, "--no_progress",
+    code = train_pytorch.main(["--train_subset", "2000", "--device", DEVICE, "--no_progress", *EXACT_ON_GPU,
                                "--save_dir", str(tmp_path)])
     assert code == 130 and "nothing to resume, nothing written" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

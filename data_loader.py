@@ -224,6 +224,15 @@ def random_affine(x, degrees=10.0, translate=0.1, scale=(0.9, 1.1), elastic=0.0,
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def augmentation(augment):
+    """False/None -> None, True -> "standard", a name -> its random_affine arguments from AUGMENTATIONS."""
+    if augment is True:
+        augment = "standard"
+    if augment and augment not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {augment!r}: choose one of {', '.join(AUGMENTATIONS)}")
+    return AUGMENTATIONS[augment] if augment else None
+
+
 class DeviceBatches:
     """Batches of one split that lives on the device as uint8: shuffled index, batched augmentation.
 
@@ -235,11 +244,7 @@ class DeviceBatches:
                  rank=0, world_size=1):
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
-        if augment is True:
-            augment = "standard"
-        if augment and augment not in AUGMENTATIONS:
-            raise ValueError(f"unknown augmentation {augment!r}: choose one of {', '.join(AUGMENTATIONS)}")
-        self.augment = AUGMENTATIONS[augment] if augment else None
+        self.augment = augmentation(augment)
         self.generator = generator
         # Distributed training: every rank draws the same shuffled order and keeps every world_size-th image
         # from its rank on, cut to the same length everywhere so all ranks take the same number of steps.
@@ -283,14 +288,10 @@ class TrainBatches:
     """
 
     def __init__(self, images, labels, batch_size, augment=False, generator=None, rank=0, world_size=1):
-        if augment is True:
-            augment = "standard"
-        if augment and augment not in AUGMENTATIONS:
-            raise ValueError(f"unknown augmentation {augment!r}: choose one of {', '.join(AUGMENTATIONS)}")
         per_rank = len(images) // world_size
         if per_rank < 1:
             raise ValueError(f"{len(images)} training images cannot be shared by {world_size} processes")
-        self.images, self.labels, self.augment = images, labels, AUGMENTATIONS[augment] if augment else None
+        self.images, self.labels, self.augment = images, labels, augmentation(augment)
         self.batch_size = min(batch_size, per_rank)  # a training set smaller than one batch is one batch
         self.steps = per_rank // self.batch_size
         self.generator, self.rank, self.world_size = generator, rank, world_size

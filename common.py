@@ -76,6 +76,17 @@ def writable_dir(path, flag="--save_dir"):
     return path
 
 
+def shown_path(path):
+    """A project path as the person types it from where they are: relative below the current folder, else
+    absolute, so a command printed for them works as printed wherever they started the program."""
+    path = Path(path).resolve()
+    try:
+        shown = str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        shown = str(path)
+    return shown + os.sep if path.is_dir() else shown
+
+
 @contextmanager
 def atomic_write(path):
     """Yield a temporary path beside `path`; when the block ends, fsync it and rename it over `path`.

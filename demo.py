@@ -16,13 +16,14 @@ import importlib
 import importlib.metadata
 import itertools
 import math
-import os
 import re
 import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import shown_path  # the standard library only: safe without torch
 
 PROJECT_DIR = Path(__file__).resolve().parent
 REQUIREMENTS = PROJECT_DIR / "requirements.txt"
@@ -532,17 +533,6 @@ def resolve_device(parser, name):
     if not hasattr(parser, "device"):  # torch could not be imported: a plain argparse parser
         return None
     return parser.device(name)
-
-
-def shown_path(path):
-    """A project path as the person types it from where they are: relative below the current folder, else
-    absolute, so a printed command works as printed wherever demo.py was started."""
-    path = Path(path).resolve()
-    try:
-        shown = str(path.relative_to(Path.cwd().resolve()))
-    except ValueError:
-        shown = str(path)
-    return shown + os.sep if path.is_dir() else shown
 
 
 def next_command():

@@ -19,7 +19,7 @@ import torch
 import preprocess
 from cnn_pytorch import (MODELS, CheckpointError, check_model_type, load_checkpoint, load_onnx_model,
                          model_path_or_default)
-from common import OneLineParser
+from common import OneLineParser, shown_path
 
 PROJECT_DIR = Path(__file__).resolve().parent
 EXAMPLES_DIR = PROJECT_DIR / "examples"  # five shipped pictures of digits to try (see examples/README.md)
@@ -54,17 +54,6 @@ def parse_args(argv=None):
                         "start-up), and reading the pictures is most of the work for a whole folder")
     p.add_argument("--batch_size", "--batch-size", type=int, default=256, help="pictures per forward pass")
     return p
-
-
-def shown_path(path):
-    """A path of the project as the person should type it from where they are: relative when below the current
-    folder, absolute otherwise (so a command printed for them works as printed)."""
-    path = Path(path).resolve()
-    try:
-        shown = str(path.relative_to(Path.cwd().resolve()))
-    except ValueError:
-        shown = str(path)
-    return shown + os.sep if path.is_dir() else shown
 
 
 def check_args(parser, args):

@@ -620,7 +620,7 @@ def set_up(args, dist, say):
     if run.capture:  # the warm-up steps (and a failed capture's fallback) run it eagerly, on purpose
         warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
     run.lrs = LearningRates(args, len(run.batches), scale, device)
-    run.optimizer = make_optimizer(args, step_model, torch.tensor(run.lrs.table[0].item(), device=device),
+    run.optimizer = make_optimizer(args, step_model, run.lrs.table[0].clone(),
                                    capturable=run.capture)
     if args.compile:
         step_model = torch.compile(step_model, mode=None if args.compile_mode == "default" else args.compile_mode)
@@ -633,7 +633,8 @@ def set_up(args, dist, say):
         run.optimizer.load_state_dict(resume["optimizer"])
         for group in run.optimizer.param_groups:  # loading replaced the shared rate tensor with a copy
             group["lr"] = run.step.lr
-        run.lrs.load_state_dict({"scheduler": resume.get("scheduler"), **resume.get("lr_schedule", {})},
+        # A state from before the table existed has only the scheduler's own state, under "scheduler".
+        run.lrs.load_state_dict(resume.get("lr_schedule") or {"scheduler": resume.get("scheduler")},
                                 resume["epoch"])
         set_rng_state(resume["rng"], run.shuffle_gen)
         if dist.enabled:
@@ -702,8 +703,7 @@ def validate_and_keep_best(run, epoch, train_loss, train_acc, seconds):
         if improved:
             atomic_save(ckpt, run.best_path)
         atomic_save({**ckpt, **asdict(state), "optimizer": run.optimizer.state_dict(),
-                     "scheduler": run.lrs.scheduler.state_dict() if run.lrs.scheduler is not None else None,
-                     "lr_schedule": {"table": run.lrs.table.cpu()}, "rng": rng_state(run.shuffle_gen)},
+                     "lr_schedule": run.lrs.state_dict(), "rng": rng_state(run.shuffle_gen)},
                     run.last_path)
     run.say(f"epoch {epoch:>3}/{args.epochs} | train loss {train_loss:.4f} acc {train_acc * 100:6.2f}% | "
             f"val loss {val_loss:.4f} acc {val_acc * 100:6.2f}%{' *' if improved else '  '} | "

@@ -17,7 +17,7 @@ API (JSON out; errors are {"error": "one line"} with a 4xx status):
                     400 not a picture, empty body; 413 body over 5 MB or a picture over 50 megapixels;
                     411 no Content-Length
 
-The model is loaded once, the same way predict.py loads it (cnn_pytorch.load_checkpoint), and every picture
+The model is loaded once, the same way predict.py loads it (checkpoint.load_checkpoint), and every picture
 goes through the same preprocess.image_to_mnist(). Safe by default: it listens on 127.0.0.1 only unless
 --host says otherwise. Each request runs in its own thread; a bad one gets its error and nothing else stops.
 Exit code: 0 after Ctrl-C, 2 for bad flags, an unusable checkpoint or an address it cannot listen on.
@@ -37,11 +37,10 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from cnn_pytorch import CheckpointError, load_checkpoint, model_path_or_default
-from common import OneLineParser
+from checkpoint import CheckpointError, load_checkpoint, model_path_or_default
+from common import PROJECT_DIR, OneLineParser
 from preprocess import ImageError, NoDigitError, image_to_mnist, mnist_to_image
 
-PROJECT_DIR = Path(__file__).resolve().parent
 PAGE = PROJECT_DIR / "static" / "index.html"
 MAX_BODY = 5 * 1024 * 1024   # bytes: a phone photo fits, a flood does not
 MAX_PIXELS = 50_000_000      # a 5 MB PNG can still unpack to gigabytes; refuse before decoding

@@ -25,10 +25,11 @@ from pathlib import Path
 
 import torch
 
-from cnn_pytorch import MODELS, load_checkpoint
-from common import OneLineParser, atomic_write
+from cnn_pytorch import MODELS
 
-PROJECT_DIR = Path(__file__).resolve().parent
+from checkpoint import load_checkpoint
+from common import PROJECT_DIR, OneLineParser, atomic_write
+
 TRAIN_SCRIPT = PROJECT_DIR / "train_pytorch.py"
 
 # Epoch budgets tried per model (shortest first) and the accuracy marks reported for it.

@@ -1,9 +1,11 @@
-"""What every command shares: one-line flag errors, the device choice, the output folder, atomic writes.
+"""What every command shares: the one-line error and exit, the device choice, the output folder, atomic writes,
+and PROJECT_DIR (the folder of the scripts, from which every relative path is resolved).
 
 Nothing here knows about MNIST or models; every other module may import it, it imports none of them.
 """
 import argparse
 import os
+import sys
 import secrets
 import tempfile
 from contextlib import contextmanager
@@ -12,11 +14,28 @@ from pathlib import Path
 PROJECT_DIR = Path(__file__).resolve().parent
 
 
+def first_line(err, limit=200):
+    """An exception's first line, at most `limit` characters, for a one-line message; else its type's name."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else type(err).__name__
+
+
+def print_error(prog, message):
+    """The project's one error line, `<prog>: error: <message>`, on stderr: what is wrong and what to do."""
+    print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def fail(prog, message, code=1):
+    """print_error, then exit with `code` (2: bad flags or an unusable file; 1: the work itself failed)."""
+    print_error(prog, message)
+    raise SystemExit(code)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line on stderr and exit code 2, not usage plus the error."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        fail(self.prog, f"{message} (see --help)", 2)
 
     def device(self, name):
         """pick_device(name), or this parser's one-line error and exit 2 for a device that is not there."""

@@ -14,9 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import atomic_write
+from common import PROJECT_DIR, atomic_write
 
-PROJECT_DIR = Path(__file__).resolve().parent
 DEFAULT_DATA_DIR = PROJECT_DIR / "data"
 
 # The one place the normalisation constants live (mean and std of the MNIST training pixels in [0, 1]).

@@ -23,9 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import shown_path  # the standard library only: safe without torch
+from common import PROJECT_DIR, first_line, shown_path  # the standard library only: safe without torch
 
-PROJECT_DIR = Path(__file__).resolve().parent
 REQUIREMENTS = PROJECT_DIR / "requirements.txt"
 TEST_SECTION = "tests"  # requirements.txt's "# Tests" section: packages only the test suite needs
 # The command to try after a pass: the shipped model reading the shipped example pictures (no training needed).
@@ -70,11 +69,6 @@ class Failed(Exception):
     def __init__(self, detail, fix=None, value=None):
         super().__init__(detail)
         self.detail, self.fix, self.value = detail, fix, value
-
-
-def _first_line(err):
-    text = str(err).strip()
-    return text.splitlines()[0][:200] if text else type(err).__name__
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -130,7 +124,7 @@ class Checklist:
         except Failed as err:
             detail, fix, value = err.detail, err.fix or fix, err.value
         except Exception as err:  # anything else still ends as one line and a fix, never a traceback
-            detail, value = f"{type(err).__name__}: {_first_line(err)}", None
+            detail, value = f"{type(err).__name__}: {first_line(err)}", None
         else:
             fix = None
         seconds = time.perf_counter() - start
@@ -226,7 +220,7 @@ def check_package(dist, spec, test_only=False):
     try:
         importlib.import_module(module)
     except Exception as err:
-        raise Failed(f"{version} installed, but `import {module}` fails ({_first_line(err)}){tests}",
+        raise Failed(f"{version} installed, but `import {module}` fails ({first_line(err)}){tests}",
                      f"pip install --force-reinstall '{dist}{spec}'") from None
     return f"{version} (needs {spec or 'any version'}){'; for the tests' if test_only else ''}", None
 
@@ -364,11 +358,11 @@ def check_round_trip(model, sample, device, work_dir):
     tensor of its state equal, bit for bit, and the same logits up to the device's rounding."""
     import torch
     import data_loader
-    import cnn_pytorch
-    restore = "restore cnn_pytorch.py (git diff cnn_pytorch.py shows what changed; git checkout -- cnn_pytorch.py)"
+    import checkpoint
+    restore = "restore checkpoint.py (git diff checkpoint.py shows what changed; git checkout -- checkpoint.py)"
     path = Path(work_dir) / f"demo_{LEARN_MODEL}.pth"
-    cnn_pytorch.save_checkpoint(path, model, LEARN_MODEL, data_loader.NORMALIZATION, note="written by demo.py")
-    loaded, ckpt = cnn_pytorch.load_checkpoint(path, device)
+    checkpoint.save_checkpoint(path, model, LEARN_MODEL, data_loader.NORMALIZATION, note="written by demo.py")
+    loaded, ckpt = checkpoint.load_checkpoint(path, device)
     trained, reloaded = model.state_dict(), loaded.state_dict()
     if trained.keys() != reloaded.keys():
         odd = sorted(set(trained) ^ set(reloaded))
@@ -503,7 +497,7 @@ def check_plot(samples, save_dir):
         path.parent.mkdir(parents=True, exist_ok=True)
         draw_predictions(samples, path)
     except OSError as err:
-        raise Failed(f"cannot write {path} ({err.strerror or _first_line(err)})",
+        raise Failed(f"cannot write {path} ({err.strerror or first_line(err)})",
                      "pick a folder you can write to with --save_dir") from None
     return f"{path} ({len(samples)} digits)", path
 

@@ -14,11 +14,11 @@ import torch
 import data_loader
 import metrics
 import visualization
-from cnn_pytorch import CheckpointError, count_parameters, load_checkpoint
-from common import OneLineParser, pick_device, writable_dir
+from cnn_pytorch import count_parameters
+from checkpoint import CheckpointError, load_checkpoint
+from common import PROJECT_DIR, OneLineParser, pick_device, writable_dir
 from data_loader import predict_probs
 
-PROJECT_DIR = Path(__file__).resolve().parent
 PROG = "evaluate.py"
 
 

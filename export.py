@@ -18,7 +18,7 @@ comparison table that is also saved as results/export/report.md:
                      torch.compile, which needs a C++ compiler where the model runs.
 
 Both ONNX files say how to feed them in their metadata (normalisation mean and std, classes), and
-cnn_pytorch.load_onnx_model() is the one way this project runs them (predict.py uses it for .onnx files).
+checkpoint.load_onnx_model() is the one way this project runs them (predict.py uses it for .onnx files).
 """
 import argparse
 import contextlib
@@ -35,10 +35,9 @@ import numpy as np
 import torch
 
 import data_loader
-from cnn_pytorch import INPUT_NAME, OUTPUT_NAME, CheckpointError, load_checkpoint, load_onnx_model
-from common import OneLineParser, atomic_write
+from checkpoint import INPUT_NAME, OUTPUT_NAME, CheckpointError, load_checkpoint, load_onnx_model
+from common import PROJECT_DIR, OneLineParser, atomic_write
 
-PROJECT_DIR = Path(__file__).resolve().parent
 
 # What each artifact must meet; the export fails (exit code 1) when one does not.
 LOGIT_TOLERANCE = 1e-4          # fp32 exports against the PyTorch model, every logit of every image

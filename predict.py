@@ -17,11 +17,10 @@ from pathlib import Path
 import torch
 
 import preprocess
-from cnn_pytorch import (MODELS, CheckpointError, check_model_type, load_checkpoint, load_onnx_model,
-                         model_path_or_default)
-from common import OneLineParser, shown_path
+from cnn_pytorch import MODELS
+from checkpoint import CheckpointError, check_model_type, load_checkpoint, load_onnx_model, model_path_or_default
+from common import PROJECT_DIR, OneLineParser, shown_path
 
-PROJECT_DIR = Path(__file__).resolve().parent
 EXAMPLES_DIR = PROJECT_DIR / "examples"  # five shipped pictures of digits to try (see examples/README.md)
 GLOB_CHARS = set("*?[")
 BAR_WIDTH = 30

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from data_loader import MNIST_MEAN, MNIST_STD
+from common import first_line
 
 # ------------------------------------------------------------------------------------------------------------
 # User pictures -> MNIST: image_to_mnist() and its helpers
@@ -44,11 +45,6 @@ class NoDigitError(ImageError):
     """The picture was read, but it holds no ink: a blank page, a flat colour, noise only."""
 
 
-def _first_line(err):
-    text = str(err).strip()
-    return text.splitlines()[0][:160] if text else type(err).__name__
-
-
 def open_image(source):
     """A file path, PIL image or array -> a fully decoded PIL image, first frame, EXIF orientation applied.
 
@@ -79,7 +75,7 @@ def open_image(source):
     except UnidentifiedImageError:
         raise ImageError("not an image file Pillow can read") from None
     except OSError as err:
-        raise ImageError(f"cannot be opened ({err.strerror or _first_line(err)})") from None
+        raise ImageError(f"cannot be opened ({err.strerror or first_line(err, 160)})") from None
     with opened:
         return _upright(_decoded(opened))
 
@@ -96,10 +92,10 @@ def _decoded(img):
         img.seek(0)  # an animated GIF, APNG or multi-page TIFF: the first frame
         img.load()
     except Image.DecompressionBombError as err:
-        raise ImageError(f"too large to decode safely ({_first_line(err)})") from None
+        raise ImageError(f"too large to decode safely ({first_line(err, 160)})") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as err:
         # Pillow reports truncation as OSError, some broken headers as SyntaxError or ValueError
-        raise ImageError(f"damaged or truncated image ({_first_line(err)})") from None
+        raise ImageError(f"damaged or truncated image ({first_line(err, 160)})") from None
     return img
 
 

@@ -24,12 +24,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data_loader
-from cnn_pytorch import (MODELS, CheckpointError, atomic_save, build_model, count_parameters, make_checkpoint,
-                         read_checkpoint, unwrap)
-from common import OneLineParser, atomic_write
+from cnn_pytorch import MODELS, build_model, count_parameters
+from checkpoint import CheckpointError, atomic_save, make_checkpoint, read_checkpoint, unwrap
+from common import PROJECT_DIR, OneLineParser, atomic_write
 from data_loader import predict_probs
 
-PROJECT_DIR = Path(__file__).resolve().parent
 
 # Named sets of defaults; flags given on the command line still win over them.
 PRESETS = {

@@ -33,9 +33,8 @@ from tqdm import tqdm
 
 import train_pytorch
 from cnn_pytorch import MODELS
-from common import OneLineParser, atomic_write
+from common import PROJECT_DIR, OneLineParser, atomic_write
 
-PROJECT_DIR = Path(__file__).resolve().parent
 
 # The classic grid of the project description; each list can be replaced on the command line.
 GRID = {"learning_rate": [0.001, 0.0001], "optimizer": ["adam", "sgd", "rmsprop"], "batch_size": [64, 128, 256]}

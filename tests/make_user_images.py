@@ -262,7 +262,7 @@ def accuracy_by_kind(made, model_path):
     """{kind: (ours, naive, n)} accuracies of a checkpoint on [(path or PIL image, label, kind)]."""
     import torch
     import preprocess
-    from cnn_pytorch import load_checkpoint
+    from checkpoint import load_checkpoint
     model, ckpt = load_checkpoint(model_path)
     mean, std = ckpt["normalization"]["mean"], ckpt["normalization"]["std"]
     results = {}
@@ -286,7 +286,7 @@ def score_examples(made, model_path):
     """Print what the checkpoint reads in each example picture; 1 when any is misread (then pick other indices)."""
     import torch
     import preprocess
-    from cnn_pytorch import load_checkpoint
+    from checkpoint import load_checkpoint
     model, ckpt = load_checkpoint(model_path)
     mean, std = ckpt["normalization"]["mean"], ckpt["normalization"]["std"]
     wrong = 0

@@ -51,7 +51,7 @@ def app_model(request):
 def digits(app_model):
     """For each class 0-9, the first MNIST test image the model reads right as it is: [(label, uint8 28x28)]."""
     import data_loader
-    from cnn_pytorch import load_checkpoint
+    from checkpoint import load_checkpoint
     data_loader.ensure_mnist()
     raw = ROOT / "data" / "MNIST" / "raw"
     images = np.frombuffer(gzip.open(raw / "t10k-images-idx3-ubyte.gz").read(), np.uint8, offset=16)

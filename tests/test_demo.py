@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
 import cnn_pytorch
 import data_loader
 import demo
@@ -253,7 +254,7 @@ def _drop_a_buffer(real_load):
                          ids=["one-weight-off", "no-load_state_dict", "extra-tensor"])
 def test_round_trip_fails_when_the_load_is_broken(trained_like, tmp_path, monkeypatch, broken):
     model, sample = trained_like
-    monkeypatch.setattr(cnn_pytorch, "load_checkpoint", broken(cnn_pytorch.load_checkpoint))
+    monkeypatch.setattr(checkpoint, "load_checkpoint", broken(checkpoint.load_checkpoint))
     with pytest.raises(demo.Failed) as failed:
         demo.check_round_trip(model, sample, torch.device("cpu"), tmp_path)
     assert "differ" in failed.value.detail
@@ -263,7 +264,7 @@ def test_round_trip_fails_when_the_load_is_broken(trained_like, tmp_path, monkey
 def test_round_trip_fails_on_logits_a_device_cannot_explain(trained_like, tmp_path, monkeypatch):
     """Equal weights but a model that computes something else once loaded (here: its last layer scaled)."""
     model, sample = trained_like
-    real_load = cnn_pytorch.load_checkpoint
+    real_load = checkpoint.load_checkpoint
 
     def load(path, device="cpu", expected_model=None):
         loaded, ckpt = real_load(path, device, expected_model)
@@ -271,7 +272,7 @@ def test_round_trip_fails_on_logits_a_device_cannot_explain(trained_like, tmp_pa
         loaded.forward = lambda x: forward(x) * (1 + 1e-3)
         return loaded, ckpt
 
-    monkeypatch.setattr(cnn_pytorch, "load_checkpoint", load)
+    monkeypatch.setattr(checkpoint, "load_checkpoint", load)
     with pytest.raises(demo.Failed) as failed:
         demo.check_round_trip(model, sample, torch.device("cpu"), tmp_path)
     assert "logits" in failed.value.detail and "reinstall" not in failed.value.fix.lower()

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from cnn_pytorch import load_checkpoint
+from checkpoint import load_checkpoint
 from conftest import ROOT
 
 SCRIPT = str(ROOT / "train_pytorch.py")

@@ -12,7 +12,8 @@ import torch
 
 import data_loader
 import export
-from cnn_pytorch import MODELS, CheckpointError, build_model, load_checkpoint, save_checkpoint
+from cnn_pytorch import MODELS, build_model
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 N_EVAL = 2000  # test images checked here; the export command itself checks all 10,000 by default
 

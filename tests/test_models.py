@@ -6,8 +6,9 @@ import zipfile
 import pytest
 import torch
 
-from cnn_pytorch import (MODELS, CheckpointError, build_model, count_parameters, load_checkpoint, read_checkpoint,
-                         save_checkpoint)
+from cnn_pytorch import MODELS, build_model, count_parameters
+
+from checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from data_loader import NORMALIZATION
 
 PARAM_RANGE = {"simple": (1.1e6, 1.3e6), "improved": (2.3e6, 2.7e6), "tiny": (2e4, 4e4)}
@@ -120,7 +121,7 @@ def test_every_model_argument_has_a_rule_for_checkpoints():
     """read_checkpoint accepts only arguments with a rule: a new constructor parameter needs one in MODEL_ARG_RULES."""
     import inspect
 
-    from cnn_pytorch import MODEL_ARG_RULES
+    from checkpoint import MODEL_ARG_RULES
     assert set(OTHER_ARGS) == set(MODELS)
     for name, cls in MODELS.items():
         params = [p for p in inspect.signature(cls).parameters]

@@ -15,9 +15,9 @@ from PIL import Image
 
 import data_loader
 import preprocess
-import cnn_pytorch
+import checkpoint
 import predict
-from cnn_pytorch import load_checkpoint
+from checkpoint import load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_user_images as mk  # noqa: E402
@@ -329,15 +329,15 @@ def test_bad_flags_are_one_line_and_exit_2(argv, capsys):
 def test_default_model_order(tmp_path, monkeypatch):
     results, shipped = tmp_path / "results", tmp_path / "pretrained" / "best_model_simple_pt.pth"
     results.mkdir()
-    monkeypatch.setattr(cnn_pytorch, "DEFAULT_MODEL", results / "best_model_simple_pt.pth")
-    monkeypatch.setattr(cnn_pytorch, "PRETRAINED_MODEL", shipped)
-    assert cnn_pytorch.default_model_path() == shipped
+    monkeypatch.setattr(checkpoint, "DEFAULT_MODEL", results / "best_model_simple_pt.pth")
+    monkeypatch.setattr(checkpoint, "PRETRAINED_MODEL", shipped)
+    assert checkpoint.default_model_path() == shipped
     (results / "best_model_improved_pt.pth").write_bytes(b"x")
     os.utime(results / "best_model_improved_pt.pth", (1, 1))
     (results / "best_model_wide_pt.pth").write_bytes(b"x")
-    assert cnn_pytorch.default_model_path() == results / "best_model_wide_pt.pth"
+    assert checkpoint.default_model_path() == results / "best_model_wide_pt.pth"
     (results / "best_model_simple_pt.pth").write_bytes(b"x")
-    assert cnn_pytorch.default_model_path() == results / "best_model_simple_pt.pth"
+    assert checkpoint.default_model_path() == results / "best_model_simple_pt.pth"
 
 
 def test_command_line_from_another_folder(pictures, tmp_path):

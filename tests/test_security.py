@@ -20,8 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
 import cnn_pytorch
-from cnn_pytorch import CheckpointError, build_model, load_checkpoint, load_onnx_model, read_checkpoint, save_checkpoint
+from cnn_pytorch import build_model
+from checkpoint import CheckpointError, load_checkpoint, load_onnx_model, read_checkpoint, save_checkpoint
 from data_loader import NORMALIZATION
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -249,7 +251,7 @@ def test_oversized_layer_costs_no_memory_in_a_fresh_process(good, tmp_path):
 
 
 def test_size_caps_apply_before_anything_is_read(good, tmp_path, monkeypatch):
-    monkeypatch.setattr(cnn_pytorch, "MAX_MODEL_FILE_BYTES", 2**20)
+    monkeypatch.setattr(checkpoint, "MAX_MODEL_FILE_BYTES", 2**20)
     message, _ = refusal(lambda: read_checkpoint(good))
     assert "more than the 1.0 MB a model file of this project may be" in message
 
@@ -319,5 +321,5 @@ def test_hostile_onnx_is_refused_by_the_library_and_predict(case, tmp_path, caps
 
 def test_onnx_size_cap_applies_before_it_is_read(tmp_path, monkeypatch):
     path = onnx_file(tmp_path / "ours.onnx")
-    monkeypatch.setattr(cnn_pytorch, "MAX_MODEL_FILE_BYTES", 1000)
+    monkeypatch.setattr(checkpoint, "MAX_MODEL_FILE_BYTES", 1000)
     assert "more than the" in refusal(lambda: load_onnx_model(path))[0]

@@ -10,13 +10,20 @@ Every trial is a real run of this project: train_pytorch.main() with --no_test, 
 scored once, by --train_best. Every trial is recorded in an Optuna storage as it ends (a journal file under
 --save_dir, or a --storage database shared by several machines), so Ctrl-C or a crash loses at most the
 running trials and the same command resumes the study.
+
+This file owns the search: the study, its trials and its reports. It uses Optuna's public API only (a grid
+point is an enqueued trial; Study.optimize runs each trial, with Optuna's heartbeat on a database), and of
+train_pytorch only main(argv, on_epoch=...) and parse_args(): it must not reach into either's internals.
 """
 import argparse
 import csv
 import functools
+import inspect
 import io
+import itertools
 import math
 import os
+import random
 import shlex
 import signal
 import socket
@@ -24,22 +31,27 @@ import sys
 import threading
 import time
 import warnings
-from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
-import optuna
-from optuna.trial import TrialState
 from tqdm import tqdm
 
 import train_pytorch
 from cnn_pytorch import MODELS
-from common import PROJECT_DIR, OneLineParser, atomic_write
+from common import OneLineParser, atomic_write, fail, print_error
 
+try:  # tune.py's own dependency, not the project's: without it, main() says so in one line
+    import optuna
+    from optuna.trial import TrialState
+except ImportError:
+    optuna = TrialState = None
+
+NO_OPTUNA = 'optuna is not installed: pip install "optuna>=4.0" (tune.py needs it)'
 
 # The classic grid of the project description; each list can be replaced on the command line.
 GRID = {"learning_rate": [0.001, 0.0001], "optimizer": ["adam", "sgd", "rmsprop"], "batch_size": [64, 128, 256]}
 # The budget per trial of `python tune.py`: one epoch on all 55,000 training images. The 18 grid trials took
-# 307 s in all on a 2-core CPU, two at a time (see the README): well inside the 20 minutes it is allowed.
+# 307 s in all on a 2-core CPU, two at a time (see docs/tune.md): well inside the 20 minutes it is allowed.
 DEFAULT_EPOCHS = 1
 DEFAULT_TRIALS = 30           # --search tpe|random
 JOBS_PER_GPU = 4              # see --jobs
@@ -191,10 +203,9 @@ class StorageError(Exception):
 def open_storage(url, save_dir):
     """(storage, label): a journal file under save_dir, or a database at url."""
     if url is None:
-        from optuna.storages.journal import JournalStorage
         path = Path(save_dir) / "study.journal"
         # Every process opens the file through Optuna's lock, so workers on one machine share it safely.
-        return JournalStorage(interrupt_safe_journal(path)), f"journal file {path}"
+        return optuna.storages.JournalStorage(InterruptSafeJournal(str(path))), f"journal file {path}"
     scheme = url.split("://", 1)[0] if "://" in url else ""
     if not scheme:
         raise StorageError(f"--storage {url!r} is not a database URL: use postgresql://user:password@host/db, "
@@ -206,12 +217,12 @@ def open_storage(url, save_dir):
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
     for attempt in range(3):
         try:
+            # Optuna's heartbeat: Study.optimize beats for each running trial, and a trial whose worker fell
+            # silent (killed, or its machine lost) is failed by the next worker, so its place runs again.
             with warnings.catch_warnings():  # "heartbeat_interval is experimental": it has been since Optuna 2
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
-                                                     heartbeat_interval=HEARTBEAT_SECONDS,
-                                                     grace_period=3 * HEARTBEAT_SECONDS)
-            return storage, label
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, grace_period=3 * HEARTBEAT_SECONDS,
+                                                  heartbeat_interval=HEARTBEAT_SECONDS), label
         except ImportError:  # Optuna's words for a missing driver
             raise StorageError(f"--storage {scheme}://... needs its Python driver: pip install "
                                f"{DRIVERS.get(scheme.split('+')[0], [('', 'the driver SQLAlchemy names')])[0][1]}"
@@ -222,39 +233,31 @@ def open_storage(url, save_dir):
             if type(err).__name__ in ("IntegrityError", "ProgrammingError") and attempt < 2:
                 time.sleep(1.0 + attempt)
                 continue
-            first = " ".join(str(err).split("\n", 1)[0].split())[:200]
-            raise StorageError(f"cannot open the --storage {label}: {type(err).__name__}: {first}") from None
+            raise StorageError(f"cannot open the --storage {label}: {type(err).__name__}: {first_words(err)}") from None
 
 
-def interrupt_safe_journal(path):
+def first_words(err):
+    return " ".join(str(err).split("\n", 1)[0].split())[:200]
+
+
+class InterruptSafeJournal(optuna.storages.journal.JournalFileBackend if optuna else object):
     """Optuna's journal file, where Ctrl-C waits until a line is written and the file's lock is released.
 
     A KeyboardInterrupt inside Optuna's lock code can remove a lock another worker holds, or leave the file
     half-written; so SIGINT is held back for the few milliseconds of each append and delivered right after.
     """
-    from optuna.storages.journal import JournalFileBackend
 
-    class InterruptSafeJournal(JournalFileBackend):
-        def append_logs(self, logs):
-            with sigint_held_back():
-                super().append_logs(logs)
-
-    return InterruptSafeJournal(str(path))
-
-
-@contextmanager
-def sigint_held_back():
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if caught and callable(previous):
-            previous(signal.SIGINT, None)  # Python's own handler raises KeyboardInterrupt here
+    def append_logs(self, logs):
+        if threading.current_thread() is not threading.main_thread():
+            return super().append_logs(logs)
+        caught = []
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+        try:
+            super().append_logs(logs)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            if caught and callable(previous):
+                previous(signal.SIGINT, None)  # Python's own handler raises KeyboardInterrupt here
 
 
 # A bare scheme -> the drivers that serve it, SQLAlchemy's default first: (module, what to pip install).
@@ -306,30 +309,13 @@ def check_study(args):
     except StorageError:
         raise
     except Exception as err:
-        first = " ".join(str(err).split("\n", 1)[0].split())[:200]
-        raise StorageError(f"cannot use the {args.storage_label}: {type(err).__name__}: {first}") from None
+        raise StorageError(f"cannot use the {args.storage_label}: {type(err).__name__}: {first_words(err)}") from None
     return settings
 
 
-class ResumableGridSampler(optuna.samplers.GridSampler):
-    """Optuna's GridSampler, but a failed trial (Ctrl-C, a crashed worker) leaves its grid point to be run
-    again, and stopping is the worker loop's decision (Study.stop only works inside Study.optimize)."""
-
-    def _get_unvisited_grid_ids(self, study):
-        taken = set()
-        for t in study._storage.get_all_trials(study._study_id, deepcopy=False):
-            if ("grid_id" in t.system_attrs and self._same_search_space(t.system_attrs["search_space"])
-                    and t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)):
-                taken.add(t.system_attrs["grid_id"])
-        return [i for i in range(self._n_min_trials) if i not in taken]
-
-    def after_trial(self, study, trial, state, values):
-        pass
-
-
 def make_sampler(settings, worker):
-    if settings["search"] == "grid":  # the same seed in every worker: a grid_id means the same point everywhere
-        return ResumableGridSampler(settings["grid"], seed=settings["seed"])
+    if settings["search"] == "grid":  # every grid trial is an enqueued point: the sampler never draws one
+        return optuna.samplers.RandomSampler(seed=settings["seed"])
     # Each process draws its own sequence (a resumed or second worker must not repeat the first one's draws).
     seed = (settings["seed"] * 1_000_003 + os.getpid() * 7919 + worker) % 2 ** 32
     if settings["search"] == "random":
@@ -347,8 +333,12 @@ def make_pruner(settings):
 # One trial: the configuration, as train_pytorch.py flags, and the run
 # ------------------------------------------------------------------------------------------------------------
 
+def has_dropout(model):
+    return "dropout" in inspect.signature(MODELS[model]).parameters
+
+
 def suggest(trial, settings):
-    """The trial's configuration, drawn by the sampler."""
+    """The trial's configuration: its enqueued grid point, or what the sampler draws."""
     if settings["search"] == "grid":
         return {name: trial.suggest_categorical(name, values) for name, values in settings["grid"].items()}
     params = {
@@ -360,7 +350,7 @@ def suggest(trial, settings):
         "augment": trial.suggest_categorical("augment", list(AUGMENT)),
         "label_smoothing": trial.suggest_float("label_smoothing", 0.0, 0.2),
     }
-    if settings["model"] in train_pytorch.DROPOUT_ARGS:
+    if has_dropout(settings["model"]):
         params["dropout"] = trial.suggest_float("dropout", 0.0, 0.6)
     return params
 
@@ -387,12 +377,16 @@ class TrialFailed(Exception):
     """A trial that ended with an error (not a divergence, not Ctrl-C): the worker stops and says why."""
 
 
+class Surplus(Exception):
+    """A trial another worker made unneeded in the same instant: recorded as failed, and never shown."""
+
+
 def best_epoch(history):
     """The epoch train_pytorch keeps: the highest validation accuracy, ties to the lower validation loss."""
     return max(history, key=lambda r: (r["val_acc"], -r["val_loss"]))
 
 
-def run_trial(trial, settings, params, trial_dir, device):
+def train(trial, settings, params, trial_dir, device):
     """train_pytorch.main() on one configuration; returns its best validation accuracy.
 
     Its output goes to <trial_dir>/train.log; its checkpoints are deleted when it ends (--train_best retrains).
@@ -435,17 +429,29 @@ def run_trial(trial, settings, params, trial_dir, device):
         raise TrialFailed(f"trial {trial.number} failed (exit code {code}): {last} (log: {trial_dir / 'train.log'})")
     if not history:
         raise TrialFailed(f"trial {trial.number} trained no epoch (log: {trial_dir / 'train.log'})")
-    best = best_epoch(history)
-    trial.set_user_attr("best_epoch", best["epoch"])
-    return best["val_acc"]
+    return best_epoch(history)["val_acc"]
 
 
 # ------------------------------------------------------------------------------------------------------------
-# A worker: asks the storage for trials until the study is done
+# The work: which trials are still to run, and a worker that runs them until none is left
 # ------------------------------------------------------------------------------------------------------------
+# A grid point is an enqueued trial that carries its point as the user attribute "grid_point"; a point whose
+# trial failed (Ctrl-C, a dead worker) is enqueued again. A search counts its live trials up to --trials. Two
+# workers may take the same place in the same instant: trial numbers are unique in the storage, so the lower
+# number always wins, and the other is a surplus trial, failed at once and left out of every report.
 
-LIVE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-DONE = (TrialState.COMPLETE, TrialState.PRUNED)
+def is_done(t):
+    return t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def is_live(t):
+    return is_done(t) or t.state in (TrialState.RUNNING, TrialState.WAITING)
+
+
+def note(t):
+    """Why a trial ended as it did. A failed trial without a note was failed by another worker, since its own
+    would have said why: its worker died (killed, or its heartbeat stopped)."""
+    return t.user_attrs.get("note") or ("worker died" if t.state == TrialState.FAIL else "")
 
 
 def target_trials(settings, trials=None):
@@ -454,30 +460,36 @@ def target_trials(settings, trials=None):
     return trials
 
 
-def grid_point(t):
-    return t.system_attrs.get("grid_id")
+def grid_points(settings):
+    """Every point of the grid, in an order shuffled by --seed (JSON-like lists: they are stored as such)."""
+    points = [list(p) for p in itertools.product(*settings["grid"].values())]
+    random.Random(settings["seed"]).shuffle(points)
+    return points
+
+
+def enqueue_missing_points(study, settings):
+    if settings["search"] != "grid":
+        return
+    taken = [t.user_attrs.get("grid_point") for t in study.get_trials(deepcopy=False) if is_live(t)]
+    for point in grid_points(settings):
+        if point not in taken:
+            study.enqueue_trial(dict(zip(settings["grid"], point)), user_attrs={"grid_point": point})
 
 
 def nothing_left(settings, study, trials):
     """True when no trial needs starting: the study is done, or its last trials run in other workers."""
-    all_trials = study.get_trials(deepcopy=False)
+    started = [t for t in study.get_trials(deepcopy=False) if is_live(t) and t.state != TrialState.WAITING]
     if settings["search"] == "grid":
-        taken = {grid_point(t) for t in all_trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED,
-                                                                  TrialState.RUNNING)}
-        return taken >= set(range(target_trials(settings)))
-    return sum(t.state in LIVE for t in all_trials) >= trials
+        taken = [t.user_attrs.get("grid_point") for t in started]
+        return all(point in taken for point in grid_points(settings))
+    return len(started) >= trials
 
 
-def surplus(settings, study, trial, trials):
-    """A trial another worker made unneeded in the same instant: the grid point is taken, or the count is full.
-
-    Trial numbers are unique in the storage, so the lower number always wins and exactly one worker runs it.
-    """
-    all_trials = study.get_trials(deepcopy=False)
-    mine = next(t for t in all_trials if t.number == trial.number)
-    earlier = [t for t in all_trials if t.number < trial.number and t.state in LIVE]
+def is_surplus(settings, study, trial, trials):
+    earlier = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number and is_live(t)]
     if settings["search"] == "grid":
-        return any(grid_point(t) == grid_point(mine) for t in earlier)
+        point = trial.user_attrs.get("grid_point")  # None: no queued point was left for this trial
+        return point is None or any(t.user_attrs.get("grid_point") == point for t in earlier)
     return len(earlier) >= trials
 
 
@@ -495,86 +507,69 @@ def alive(pid):
     return True
 
 
-def fail_dead_trials(study, storage):
-    """Trials left RUNNING by a worker on this machine that no longer exists (killed, crashed) are failed, so
-    their grid point or place in the count is free again. Databases also use Optuna's heartbeat, which does the
-    same for workers on other machines."""
+def fail_dead_trials(study):
+    """Trials left RUNNING by a dead worker are failed, so their grid point or place in the count is free again.
+
+    On a database Optuna's heartbeat finds them, on any machine. A journal file has no heartbeat, so there a
+    worker on this machine that no longer exists (killed, crashed) is found by its process id.
+    """
     optuna.storages.fail_stale_trials(study)
     here = socket.gethostname()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         who = t.user_attrs.get("worker")
         if who and who["host"] == here and who["pid"] != os.getpid() and not alive(who["pid"]):
             try:
-                storage.set_trial_user_attr(t._trial_id, "note", "worker died")
-                storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            except Exception:  # another worker failed it first
+                study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            except Exception:  # another worker failed it in the same instant
                 pass
 
 
-@contextmanager
-def heartbeat(storage, trial):
-    """Beat for a running trial in a database storage, as Study.optimize would (ask/tell does not)."""
-    interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
-    if not interval:
-        yield
-        return
-    stop = threading.Event()
+def prepare(study, settings):
+    """Before a worker takes a trial: free what dead workers hold, and queue the grid points not yet done."""
+    fail_dead_trials(study)
+    enqueue_missing_points(study, settings)
 
-    def beat():
-        while not stop.is_set():
-            storage.record_heartbeat(trial._trial_id)
-            stop.wait(interval)
 
-    thread = threading.Thread(target=beat, daemon=True)
-    thread.start()
+def objective(trial, args, trial_root, device):
+    """One trial as Study.optimize runs it: a failed trial says why in its note before Optuna records it."""
+    trial.set_user_attr("worker", worker_id())
+    if is_surplus(args.settings, trial.study, trial, args.trials):
+        trial.set_user_attr("note", "surplus")
+        raise Surplus
+    params = suggest(trial, args.settings)
     try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
+        return train(trial, args.settings, params, trial_root / f"trial_{trial.number:04d}", device)
+    except optuna.TrialPruned:
+        raise
+    except BaseException as err:  # Ctrl-C, a failed trial: recorded as failed, its place is free again
+        trial.set_user_attr("note", "interrupted" if isinstance(err, KeyboardInterrupt) else "error")
+        raise
 
 
 def work(args, worker=0, device=None, on_trial_end=None, parent=None):
     """Run trials of the study until nothing is left to start (or, in a worker process, until the command that
-    started it is gone). Returns the number of trials this worker ran."""
+    started it is gone)."""
     quiet_optuna()
-    settings, storage, trials = args.settings, args.storage_obj, args.trials
-    study = optuna.load_study(study_name=args.study, storage=storage, sampler=make_sampler(settings, worker),
+    settings = args.settings
+    study = optuna.load_study(study_name=args.study, storage=args.storage_obj, sampler=make_sampler(settings, worker),
                               pruner=make_pruner(settings))
-    trial_root = Path(args.save_dir) / "trials" / args.study
-    ran = 0
+    run = functools.partial(objective, args=args, trial_root=Path(args.save_dir) / "trials" / args.study,
+                            device=device or args.device)
     while True:
-        fail_dead_trials(study, storage)
+        prepare(study, settings)
         if parent is not None and os.getppid() != parent:  # the command was killed: no new trial
-            return ran
-        if nothing_left(settings, study, trials):
-            return ran
-        trial = study.ask()
-        trial.set_user_attr("worker", worker_id())
-        params = suggest(trial, settings)
-        if surplus(settings, study, trial, trials):
-            trial.set_user_attr("note", "surplus")
-            study.tell(trial, state=TrialState.FAIL)
-            continue
-        try:
-            with heartbeat(storage, trial):
-                value = run_trial(trial, settings, params, trial_root / f"trial_{trial.number:04d}",
-                                  device or args.device)
-        except optuna.TrialPruned:
-            study.tell(trial, state=TrialState.PRUNED)
-        except BaseException as err:  # Ctrl-C, a failed trial: recorded as failed, its place is free again
-            trial.set_user_attr("note", "interrupted" if isinstance(err, KeyboardInterrupt) else "error")
-            study.tell(trial, state=TrialState.FAIL)
-            raise
-        else:
-            study.tell(trial, value)
-        ran += 1
+            return
+        if nothing_left(settings, study, args.trials):
+            return
+        # One trial per call, so the checks above run between trials; Optuna records its state, beats its
+        # heartbeat on a database, and raises Ctrl-C and errors (but not a surplus) once it is recorded.
+        study.optimize(run, n_trials=1, catch=(Surplus,))
         if on_trial_end is not None:
             on_trial_end(study)
 
 
 def quiet_optuna():
-    # The progress bar and the reports say what happened; Optuna's per-trial INFO lines would drown them.
+    # The progress bar and the reports say what happened; Optuna's per-trial lines would drown them.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
@@ -590,7 +585,7 @@ def worker_main(args, worker, device, threads, parent):
     except KeyboardInterrupt:
         sys.exit(130)
     except TrialFailed as err:
-        print(f"tune.py: error: worker {worker}: {err}", file=sys.stderr)
+        print_error("tune.py", f"worker {worker}: {err}")
         sys.exit(1)
 
 
@@ -648,11 +643,11 @@ class Progress:
         self.update()
 
     def count(self):
-        return sum(t.state in DONE for t in self.study.get_trials(deepcopy=False))
+        return sum(map(is_done, self.study.get_trials(deepcopy=False)))
 
     def update(self, _study=None):
         trials = self.study.get_trials(deepcopy=False)
-        done = sum(t.state in DONE for t in trials)
+        done = sum(map(is_done, trials))
         if done == self.seen:
             return
         self.seen = done
@@ -671,10 +666,10 @@ PARAM_ORDER = ["learning_rate", "max_lr", "optimizer", "batch_size", "weight_dec
 
 
 def rows_of(trials):
-    """One dict per trial (surplus trials, which never trained, left out)."""
+    """One dict per trial (surplus and queued trials, which never trained, left out)."""
     rows = []
     for t in trials:
-        if t.user_attrs.get("note") == "surplus":
+        if note(t) == "surplus" or t.state == TrialState.WAITING:
             continue
         history = t.user_attrs.get("history", [])
         best = best_epoch(history) if history else None
@@ -687,7 +682,7 @@ def rows_of(trials):
         for r in history:
             row[f"val_acc_{r['epoch']}"] = r["val_acc"]
             row[f"val_loss_{r['epoch']}"] = r["val_loss"]
-        row.update(seconds=t.user_attrs.get("seconds"), note=t.user_attrs.get("note", ""),
+        row.update(seconds=t.user_attrs.get("seconds"), note=note(t),
                    flags=t.user_attrs.get("flags"))
         rows.append(row)
     return rows
@@ -861,11 +856,15 @@ def train_best(args, best):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    if optuna is None:
+        fail("tune.py", NO_OPTUNA, 2)
     quiet_optuna()
     parser = parse_args()
     args = parser.parse_args(argv)
     check_args(parser, args, argv)
     start = time.perf_counter()
+    # The grid's points are queued before any worker starts, so workers starting together do not all queue them.
+    prepare(optuna.load_study(study_name=args.study, storage=args.storage_obj), args.settings)
     progress = Progress(args)
     code = 0
     try:
@@ -876,7 +875,8 @@ def main(argv=None):
     except KeyboardInterrupt:
         code = 130
     except TrialFailed as err:
-        print(f"\ntune.py: error: {err}", file=sys.stderr)
+        print(file=sys.stderr)
+        print_error("tune.py", err)
         code = 1
     finally:
         progress.update()
@@ -895,12 +895,12 @@ def main(argv=None):
               f"{train_command(best['flags'])}")
     if code == 0 and args.train_best:
         if best is None:
-            print("tune.py: error: --train_best: no complete trial to train", file=sys.stderr)
+            print_error("tune.py", "--train_best: no complete trial to train")
             return 1
         try:
             result = train_best(args, best)
         except TrialFailed as err:
-            print(f"tune.py: error: {err}", file=sys.stderr)
+            print_error("tune.py", err)
             return 1
         write_reports(args, time.perf_counter() - start, result)
         print(f"test accuracy of the best configuration: {percent(result['accuracy'])}; reproduce it with:\n  "

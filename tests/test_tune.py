@@ -65,8 +65,7 @@ def assert_finished_once_each(study, n):
     assert len({config(t) for t in done}) == n
     assert all(t.user_attrs.get("history") or t.user_attrs.get("note") == "diverged" for t in done)
     assert not [t for t in trials if t.state == TrialState.RUNNING]
-    assert {t.user_attrs.get("note") for t in trials if t.state == TrialState.FAIL} <= {
-        "surplus", "interrupted", "worker died"}
+    assert {tune.note(t) for t in trials if t.state == TrialState.FAIL} <= {"surplus", "interrupted", "worker died"}
     return done
 
 
@@ -145,15 +144,16 @@ def test_a_killed_study_resumes_to_the_asked_number_of_trials_none_repeated(tmp_
         proc.wait(timeout=60)
     output = (tmp_path / "run.log").read_text()
     assert "the same command resumes the study" in output
-    notes = [t.user_attrs.get("note") for t in journal_study(tmp_path, "tpe-tiny").get_trials()]
-    assert notes.count("interrupted") == 1 and notes.count(None) >= 4
+    notes = [tune.note(t) for t in journal_study(tmp_path, "tpe-tiny").get_trials()]
+    assert notes.count("interrupted") == 1 and notes.count("") >= 4
 
     result = subprocess.run([sys.executable, SCRIPT, *flags], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "tpe-tiny: 6 of 6 trials done" in result.stdout
     study = journal_study(tmp_path, "tpe-tiny")
     assert_finished_once_each(study, 6)
-    assert [t.user_attrs.get("note") for t in study.get_trials()].count("worker died") == 1  # the crash's trial
+    assert [tune.note(t) for t in study.get_trials()].count("worker died") == 1  # the crash's trial
+    assert [r["note"] for r in read_rows(tmp_path)].count("worker died") == 1  # and trials.csv says so
     assert len([r for r in read_rows(tmp_path) if r["state"] in ("complete", "pruned")]) == 6
     assert (tmp_path / "optimization_history.png").exists() and (tmp_path / "param_importances.png").exists()
 

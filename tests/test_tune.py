@@ -15,9 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import optuna
 import pytest
-from optuna.trial import TrialState
+
+optuna = pytest.importorskip("optuna", reason="tune.py's own package: pip install 'optuna>=4.0'")
+from optuna.trial import TrialState  # noqa: E402
 
 import data_loader
 import train_pytorch
@@ -91,11 +92,12 @@ def wait_for_running(save_dir, name, n, proc, timeout=180):
     raise AssertionError(f"{n} trials were not done within {timeout} s")
 
 
+@pytest.mark.slow
 def test_grid_runs_18_trials_writes_the_heatmap_and_never_touches_the_test_set(tmp_path, monkeypatch):
     # Every split train_pytorch loads is noted, and so is every batch of images a model scores: the test images
     # must never be among the scored ones.
     test_storages, scored = [], []
-    real_get_splits, real_predict = data_loader.get_splits, train_pytorch.predict_probs
+    real_get_splits, real_predict, real_main = data_loader.get_splits, train_pytorch.predict_probs, train_pytorch.main
 
     def get_splits(*args, **kwargs):
         splits = real_get_splits(*args, **kwargs)
@@ -108,6 +110,8 @@ def test_grid_runs_18_trials_writes_the_heatmap_and_never_touches_the_test_set(t
 
     monkeypatch.setattr(data_loader, "get_splits", get_splits)
     monkeypatch.setattr(train_pytorch, "predict_probs", predict_probs)
+    # Scoring 5,000 validation images is most of a tiny trial's time; 500 exercise the same path.
+    monkeypatch.setattr(train_pytorch, "main", lambda argv, **kw: real_main([*argv, "--val_size", "500"], **kw))
 
     assert tune.main([*FAST, "--jobs", "1", "--save_dir", str(tmp_path)]) == 0  # in this process, patched
 
@@ -129,40 +133,42 @@ def test_grid_runs_18_trials_writes_the_heatmap_and_never_touches_the_test_set(t
     assert "test accuracy" not in summary
 
 
+@pytest.mark.slow
 def test_a_killed_study_resumes_to_the_asked_number_of_trials_none_repeated(tmp_path):
-    flags = ["--search", "tpe", "--trials", "6", "--jobs", "1", *FAST, "--save_dir", str(tmp_path)]
+    flags = ["--search", "tpe", "--trials", "4", "--jobs", "1", *FAST, "--save_dir", str(tmp_path)]
     with open(tmp_path / "run.log", "w") as log:
         # Ctrl-C: the running trial is recorded as failed and the command says how to resume.
         proc = start(*flags, log=log)
-        wait_for_running(tmp_path, "tpe-tiny", 2, proc)
+        wait_for_running(tmp_path, "tpe-tiny", 1, proc)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 130
         # A crash: killed outright, its running trial left behind as RUNNING in the storage.
         proc = start(*flags, log=log)
-        wait_for_running(tmp_path, "tpe-tiny", 4, proc)
+        wait_for_running(tmp_path, "tpe-tiny", 2, proc)
         proc.kill()
         proc.wait(timeout=60)
     output = (tmp_path / "run.log").read_text()
     assert "the same command resumes the study" in output
     notes = [tune.note(t) for t in journal_study(tmp_path, "tpe-tiny").get_trials()]
-    assert notes.count("interrupted") == 1 and notes.count("") >= 4
+    assert notes.count("interrupted") == 1 and notes.count("") >= 2
 
     result = subprocess.run([sys.executable, SCRIPT, *flags], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "tpe-tiny: 6 of 6 trials done" in result.stdout
+    assert "tpe-tiny: 4 of 4 trials done" in result.stdout
     study = journal_study(tmp_path, "tpe-tiny")
-    assert_finished_once_each(study, 6)
+    assert_finished_once_each(study, 4)
     assert [tune.note(t) for t in study.get_trials()].count("worker died") == 1  # the crash's trial
     assert [r["note"] for r in read_rows(tmp_path)].count("worker died") == 1  # and trials.csv says so
-    assert len([r for r in read_rows(tmp_path) if r["state"] in ("complete", "pruned")]) == 6
+    assert len([r for r in read_rows(tmp_path) if r["state"] in ("complete", "pruned")]) == 4
     assert (tmp_path / "optimization_history.png").exists() and (tmp_path / "param_importances.png").exists()
 
 
+@pytest.mark.slow
 def test_two_workers_on_one_storage_finish_one_study_without_losing_a_trial(tmp_path):
-    result = subprocess.run([sys.executable, SCRIPT, "--search", "random", "--trials", "6", "--jobs", "2", *FAST,
+    result = subprocess.run([sys.executable, SCRIPT, "--search", "random", "--trials", "4", "--jobs", "2", *FAST,
                              "--save_dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    done = assert_finished_once_each(journal_study(tmp_path, "random-tiny"), 6)
+    done = assert_finished_once_each(journal_study(tmp_path, "random-tiny"), 4)
     assert len({t.user_attrs["worker"]["pid"] for t in done}) == 2, "one worker ran every trial"
     assert sorted(int(r["trial"]) for r in read_rows(tmp_path) if r["state"] == "complete") == sorted(
         t.number for t in done if t.state == TrialState.COMPLETE)
@@ -212,6 +218,7 @@ def postgres():
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_two_commands_share_one_study_through_postgresql(tmp_path, postgres):
     flags = ["--search", "random", "--trials", "4", "--jobs", "1", "--storage", postgres, "--study", "shared", *FAST]
     logs = [open(tmp_path / f"machine{i}.log", "w") for i in (1, 2)]
@@ -281,3 +288,14 @@ def test_a_study_is_only_resumed_with_its_own_settings(tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "made with other settings: epochs 3 (now 1)" in err, err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_without_optuna_it_is_one_line_and_exit_2(tmp_path):
+    """optuna is tune.py's own package: missing, the command names it and its install, and nothing else breaks."""
+    hide = ("import runpy, sys; sys.modules['optuna'] = None; sys.argv = ['tune.py', *sys.argv[1:]]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", hide, "--save_dir", str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip() == f"tune.py: error: {tune.NO_OPTUNA}", done.stderr
+    assert tune.NO_OPTUNA == 'optuna is not installed: pip install "optuna>=4.0" (tune.py needs it)'
+    assert not list(tmp_path.iterdir())

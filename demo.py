@@ -1,8 +1,9 @@
 """Check that this machine can train and predict: python demo.py
 
 The first command to run after installing. A checklist, one line per check with a tick or a cross and its
-time: Python and every package of requirements.txt (those of its "# Tests" section are optional: missing, they
-get a note, not a cross), the compute device, the shipped MNIST, every model of the table, a short training
+time: Python and every package of requirements.txt (read with `packaging`; those only the tests or one command
+need, such as optuna for tune.py, are optional: missing, they get a note naming who needs them and the install
+line, not a cross), the compute device, the shipped MNIST, every model of the table, a short training
 run that must reach 95% on held-out images, a checkpoint round trip, a prediction from a picture on disk, and a
 small plot (results/demo_predictions.png). It ends with "Ready" and the next command to try (the shipped model
 reading the example pictures in examples/), or with what failed and the fix for each. Exit code 0 when all
@@ -10,6 +11,7 @@ pass, 1 otherwise, 2 for bad flags.
 About 15 s on a 2-core CPU.
 
 Only the standard library is imported up here: with torch missing, the checklist must still run and say so.
+This file owns the checklist; it trains and predicts through the project's modules and must not change them.
 """
 import argparse
 import importlib
@@ -22,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from common import PROJECT_DIR, first_line, shown_path  # the standard library only: safe without torch
 
@@ -139,56 +142,49 @@ class Checklist:
 # Python and packages
 # --------------------------------------------------------------------------------------------------------------
 
-def version_tuple(text):
-    """'2.14.1+cu128' -> (2, 14, 1); '1.3rc1' -> (1, 3). Release numbers only: enough for lower bounds."""
-    parts = []
-    for piece in re.split(r"[.+!-]", text.strip()):
-        digits = re.match(r"\d+", piece)
-        if not digits:
-            break
-        parts.append(int(digits.group()))
-        if digits.group() != piece:  # '3rc1': the pre-release tag ends the release number
-            break
-    while len(parts) > 1 and parts[-1] == 0:  # 2.6.0 == 2.6
-        parts.pop()
-    return tuple(parts)
-
-
-_COMPARE = {">=": lambda a, b: a >= b, ">": lambda a, b: a > b, "==": lambda a, b: a == b,
-            "<=": lambda a, b: a <= b, "<": lambda a, b: a < b, "!=": lambda a, b: a != b,
-            "~=": lambda a, b: a >= b}  # ~= checked as its lower bound only
+class Package(NamedTuple):
+    """One line of requirements.txt: the distribution, its specifier ('>=2.6', or '' for any), its section
+    ('runtime', 'commands', 'tests') and the commands that alone need it (empty: every command does)."""
+    name: str
+    spec: str
+    section: str
+    commands: tuple
 
 
 def parse_requirements(path=REQUIREMENTS):
-    """requirements.txt -> [(distribution name, specifier such as '>=2.6' or '', section)], blanks skipped.
+    """requirements.txt -> [Package], read by `packaging` (pip's own parser), blanks and options skipped.
 
-    A comment on a line of its own starts a section, named by its first word in lower case: "# Runtime",
-    "# Deployment: export.py ...", "# Tests" -> 'runtime', 'deployment', 'tests'. Packages before any such
-    comment are in section ''.
+    A comment on a line of its own starts a section, named by its first word in lower case ("# Runtime: ...",
+    "# Tests" -> 'runtime', 'tests'). A package's own comment may name, before its first colon, the commands
+    that alone need it ("optuna>=4.0  # tune.py: ..." -> ('tune.py',)).
     """
+    from packaging.requirements import Requirement
     found, section = [], ""
     for raw in Path(path).read_text().splitlines():
-        if raw.strip().startswith("#"):
-            words = re.findall(r"[A-Za-z0-9_-]+", raw)
-            section = words[0].lower() if words else section
+        line, _, comment = raw.partition("#")
+        if not line.strip():
+            if comment.strip():
+                section = (re.findall(r"[A-Za-z0-9_-]+", comment) or [section])[0].lower()
             continue
-        line = raw.split("#", 1)[0].strip()
-        if not line or line.startswith("-"):  # -r other.txt, --index-url ...: not a package
+        if line.strip().startswith("-"):  # -r other.txt, --index-url ...: not a package
             continue
-        match = re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*)\s*(\[[^\]]*\])?\s*([^;]*)", line)
-        if match:
-            found.append((match.group(1), match.group(3).replace(" ", ""), section))
+        req = Requirement(line.strip())
+        if req.marker is not None and not req.marker.evaluate():  # e.g. ; sys_platform == "darwin"
+            continue
+        head, colon, _ = comment.partition(":")
+        commands = tuple(re.findall(r"[\w-]+\.py\b", head)) if colon else ()
+        found.append(Package(req.name, str(req.specifier), section, commands))
     return found
 
 
 def satisfies(version, spec):
-    """True when an installed version meets every clause of a specifier such as '>=2.6' or '>=1.3,<2'."""
-    have = version_tuple(version)
-    for clause in filter(None, spec.split(",")):
-        op, wanted = re.match(r"(>=|<=|==|!=|~=|>|<)?(.*)", clause).groups()
-        if not _COMPARE[op or ">="](have, version_tuple(wanted)):
-            return False
-    return True
+    """True when an installed version meets a specifier such as '>=2.6' or '>=1.3,<2' (PEP 440, by packaging)."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+    try:
+        return SpecifierSet(spec).contains(Version(version), prereleases=True)
+    except InvalidVersion:  # a version pip itself could not compare: nothing to hold against it
+        return True
 
 
 def import_name(dist):
@@ -204,33 +200,48 @@ def check_python():
     return f"{found} (needs >= {wanted}) at {sys.executable}", None
 
 
-def check_package(dist, spec, test_only=False):
-    """Installed (by its metadata), new enough, and importable (a broken binary shows up only on import)."""
+def check_package(dist, spec, only=None):
+    """Installed (by its metadata), new enough, and importable (a broken binary shows up only on import).
+
+    `only` names who alone needs it ("the tests", "tune.py"): said in the line, so a note is read as such.
+    """
     install = f"pip install '{dist}{spec}'"
+    plural = only == "the tests" or " and " in (only or "")
+    need = f"; only {only} need{'' if plural else 's'} it" if only else ""
     try:
         version = importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
-        if test_only:
-            raise Failed(f"not installed: only the tests need it (requirements.txt: {dist}{spec})", install) from None
-        raise Failed(f"not installed (requirements.txt: {dist}{spec})", install) from None
-    tests = "; only the tests need it" if test_only else ""
+        raise Failed(f"not installed{need.replace(';', ':', 1)} (requirements.txt: {dist}{spec})", install) from None
     if spec and not satisfies(version, spec):
-        raise Failed(f"{version} installed, too old (needs {spec}){tests}", f"pip install --upgrade '{dist}{spec}'")
+        raise Failed(f"{version} installed, too old (needs {spec}){need}", f"pip install --upgrade '{dist}{spec}'")
     module = import_name(dist)
     try:
         importlib.import_module(module)
     except Exception as err:
-        raise Failed(f"{version} installed, but `import {module}` fails ({first_line(err)}){tests}",
+        raise Failed(f"{version} installed, but `import {module}` fails ({first_line(err)}){need}",
                      f"pip install --force-reinstall '{dist}{spec}'") from None
-    return f"{version} (needs {spec or 'any version'}){'; for the tests' if test_only else ''}", None
+    return f"{version} (needs {spec or 'any version'}){'; for ' + only if only else ''}", None
+
+
+def needed_by(package):
+    """Who alone needs a package: "the tests", "tune.py", "export.py and predict.py"; None for every command."""
+    if package.section == TEST_SECTION:
+        return "the tests"
+    return " and ".join(package.commands) or None
 
 
 def check_packages(cl, path=REQUIREMENTS):
-    """One line per package of requirements.txt; those of its "# Tests" section are optional."""
-    for dist, spec, section in parse_requirements(path):
-        test_only = section == TEST_SECTION
-        cl.run(dist, lambda d=dist, s=spec, t=test_only: check_package(d, s, t),
-               fix=f"pip install --force-reinstall '{dist}{spec}'", optional=test_only)
+    """One line per package of requirements.txt. Those that only the tests or one command need are optional:
+    missing or broken, they are a note naming who needs them and the install, not a failure."""
+    try:
+        packages = parse_requirements(path)
+    except ImportError:  # packaging comes with matplotlib (and pip): without it, requirements.txt is unread
+        cl.run("packaging", lambda: check_package("packaging", ""), fix="pip install -r requirements.txt")
+        return
+    for package in packages:
+        only = needed_by(package)
+        cl.run(package.name, lambda p=package, o=only: check_package(p.name, p.spec, o),
+               fix=f"pip install --force-reinstall '{package.name}{package.spec}'", optional=only is not None)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -537,9 +548,9 @@ def next_command():
 
 def summary(cl, seconds):
     optional = ""
-    if cl.notes:
-        names = ", ".join(name for name, _, _ in cl.notes)
-        optional = f"Optional, for the test suite only: {names} ({'; '.join(fix for _, _, fix in cl.notes)})"
+    if cl.notes:  # optional packages: who needs each is in its line's detail
+        optional = "Optional, for one command or the tests only: " + "; ".join(
+            f"{name} ({fix})" for name, _, fix in cl.notes)
     if not cl.failures and not cl.skipped:
         passed = sum(cl.passed.values())
         cl.say(f"\nReady: this machine can train and predict ({passed} checks passed in {seconds:.1f}s).")
@@ -550,7 +561,11 @@ def summary(cl, seconds):
     cl.say(f"\n{len(cl.failures)} check{'s' * (len(cl.failures) != 1)} failed ({seconds:.1f}s). To fix:")
     for name, detail, fix in cl.failures:
         cl.say(f"  {cl.marks['fail']} {name}: {detail}\n      fix: {fix}")
-    if any(name in {dist for dist, _, _ in parse_requirements()} for name, _, _ in cl.failures):
+    try:
+        packages = {p.name for p in parse_requirements()}
+    except ImportError:
+        packages = {"packaging"}
+    if any(name in packages for name, _, _ in cl.failures):
         cl.say("  (or install every package at once: pip install -r requirements.txt)")
     if cl.skipped:
         cl.say(f"  not run because of these: {', '.join(cl.skipped)}")

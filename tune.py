@@ -90,14 +90,10 @@ def parse_args(argv=None):
                    help=f"tpe/random: trials the study should hold when done, counting those already in the "
                         f"storage (default {DEFAULT_TRIALS}); the grid always runs every combination%(default).0s")
     p.add_argument("--jobs", type=int, default=None,
-                   help=f"trials at once, each in its own worker process on the same storage%(default).0s. Default "
-                        f"on the CPU: one per core (at most {CPU_JOBS_MAX}), each trial on cores / jobs threads: a "
-                        f"small CNN gains little from a second thread, and threads that wait for each other crawl "
-                        f"when the machine is busy (2-core CPU, the grid on 5,000 images: 134 s with 2 jobs of 1 "
-                        f"thread, 306 s with 1 job of 2 threads). On CUDA {JOBS_PER_GPU} per GPU (at most one per "
-                        f"CPU core): one small-CNN trial leaves the GPU idle while it loads data, validates and runs "
-                        f"Python between epochs, and {JOBS_PER_GPU} processes fill those gaps; each holds about 1 GB "
-                        f"of GPU memory. With several GPUs the workers are spread over them (--device cuda)")
+                   help=f"trials at once, each in its own worker process on the same storage%(default).0s. Default: "
+                        f"on the CPU one per core (at most {CPU_JOBS_MAX}), each on cores / jobs threads; on CUDA "
+                        f"{JOBS_PER_GPU} per GPU (at most one per CPU core), spread over the GPUs; on MPS 1 "
+                        f"(docs/tune.md says why)")
     p.add_argument("--storage", default=None,
                    help="a database URL (postgresql://user:password@host/db, mysql://...; needs its driver, e.g. "
                         "pip install psycopg2-binary) shared by several machines running the same command. Default: "

@@ -1,5 +1,8 @@
 """Read the digit in your own pictures: python predict.py --image_path examples/ [photo.jpg scans/ "drawings/*.png"]
 
+With --number it reads every digit of a number instead (several lines: one number per line), e.g.
+`number.jpg: 2026 (99.1%)`, the confidence being the product of the digits'; see docs/numbers.md.
+
 Any common picture works (PNG, JPEG, BMP, GIF, TIFF, WebP; photos, scans, drawing-app exports with a
 transparent background): preprocess.image_to_mnist() turns each one into the 28x28 white-on-black digit the
 model was trained on. One line per picture, e.g. `digit.png: 7 (98.6%)`; a picture that cannot be read gets
@@ -14,12 +17,13 @@ import shlex
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import preprocess
 from cnn_pytorch import MODELS
 from checkpoint import CheckpointError, check_model_type, load_checkpoint, load_onnx_model, model_path_or_default
-from common import PROJECT_DIR, OneLineParser, shown_path
+from common import PROJECT_DIR, OneLineParser, atomic_write, shown_path
 
 EXAMPLES_DIR = PROJECT_DIR / "examples"  # five shipped pictures of digits to try (see examples/README.md)
 GLOB_CHARS = set("*?[")
@@ -52,6 +56,14 @@ def parse_args(argv=None):
                    help="cpu, cuda, cuda:N, mps or auto; the CPU is the quick choice for a few pictures (no GPU "
                         "start-up), and reading the pictures is most of the work for a whole folder")
     p.add_argument("--batch_size", "--batch-size", type=int, default=256, help="pictures per forward pass")
+    p.add_argument("--number", action="store_true",
+                   help="read every digit of a number, left to right (several lines: top to bottom)")
+    p.add_argument("--digits", type=int, default=None, metavar="N",
+                   help="with --number: the number has exactly N digits (all lines together); the reader cuts or "
+                        "joins to find that many")
+    p.add_argument("--annotate", metavar="DIR", default=None,
+                   help="with --number: write a copy of each picture into DIR with each digit's box and reading "
+                        "drawn over it (low-confidence digits in orange)")
     return p
 
 
@@ -66,14 +78,22 @@ def check_args(parser, args):
         parser.error(f"--low_confidence must be between 0 and 1, got {args.low_confidence}")
     if args.batch_size < 1:
         parser.error(f"--batch_size must be at least 1, got {args.batch_size}")
-    if args.save_preprocessed is not None:
-        out = Path(args.save_preprocessed)
+    if (args.digits is not None or args.annotate is not None) and not args.number:
+        parser.error("--digits and --annotate go with --number")
+    if args.digits is not None and not 1 <= args.digits <= preprocess.MAX_DIGITS:
+        parser.error(f"--digits must be between 1 and {preprocess.MAX_DIGITS}, got {args.digits}")
+    if args.number and (args.save_preprocessed is not None or args.top_k != 1):
+        parser.error("--save_preprocessed and --top_k are for single digits, not with --number")
+    for flag, folder in (("--annotate", args.annotate), ("--save_preprocessed", args.save_preprocessed)):
+        if folder is None:
+            continue
+        out = Path(folder)
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            parser.error(f"cannot create --save_preprocessed folder {out} ({err.strerror})")
+            parser.error(f"cannot create {flag} folder {out} ({err.strerror})")
         if not os.access(out, os.W_OK):
-            parser.error(f"cannot write to --save_preprocessed folder {out}")
+            parser.error(f"cannot write to {flag} folder {out}")
 
 
 def list_folder(folder, suffixes):
@@ -186,6 +206,97 @@ def print_result(path, probs, error, args):
         print("\n".join(format_result(path, probs, args)))
 
 
+# ---- numbers: --number ------------------------------------------------------------------------------------
+
+def make_classifier(model, device, mean, std):
+    """What preprocess.read_number asks for: pixels (N, 28, 28) in [0, 1] -> (N, 10) probabilities."""
+    def classify(pixels):
+        x = (torch.from_numpy(pixels).to(device) - mean) / std
+        return model(x.unsqueeze(1)).float().softmax(1).cpu().numpy()
+    return classify
+
+
+def annotate(path, reading, out_dir, used, low):
+    """A copy of the picture with each digit's box and reading drawn over it, through common.atomic_write."""
+    from PIL import ImageDraw, ImageFont
+    img = preprocess.open_image(path).convert("RGB")
+    sx, sy = img.width / reading.size[0], img.height / reading.size[1]
+    draw = ImageDraw.Draw(img)
+    heights = [d.box[3] - d.box[1] for line in reading.lines for d in line]
+    size = max(12, int(0.35 * sy * (sorted(heights)[len(heights) // 2] if heights else 40)))
+    try:
+        font, small = ImageFont.load_default(size), ImageFont.load_default(max(10, size * 2 // 3))
+    except TypeError:  # Pillow before 10.1 has one small bitmap font
+        font = small = ImageFont.load_default()
+    width = max(2, size // 8)
+    for line in reading.lines:
+        for d in line:
+            colour = (0, 160, 0) if d.probability >= low else (255, 140, 0)
+            x0, y0, x1, y1 = d.box[0] * sx, d.box[1] * sy, d.box[2] * sx, d.box[3] * sy
+            draw.rectangle([x0 - width, y0 - width, x1 + width, y1 + width], outline=colour, width=width)
+            draw.text((x0, max(0, y0 - size - 2 * width)), d.digit, fill=colour, font=font)  # the reading above,
+            draw.text((x0, y1 + 2 * width), f"{d.probability * 100:.0f}", fill=colour, font=small)  # % below
+    with atomic_write(out_dir / unique_name(path, used)) as tmp:
+        img.save(tmp, "PNG")
+
+
+def print_number(path, reading, error, args):
+    low = args.low_confidence
+    if args.json:
+        if reading is None:
+            print(json.dumps({"path": str(path), "number": None, "confidence": None, "digits": None, "lines": None,
+                              "error": error}))
+            return
+        def item(d):
+            return {"digit": d.digit, "probability": round(d.probability, 6), "box": list(d.box),
+                    "low_confidence": d.probability < low}
+        lines = [{"number": n, "confidence": round(float(np.prod([d.probability for d in line])), 6),
+                  "digits": [item(d) for d in line]} for n, line in zip(reading.numbers, reading.lines)]
+        print(json.dumps({"path": str(path), "number": reading.number, "confidence": round(reading.confidence, 6),
+                          "digits": [item(d) for line in reading.lines for d in line], "lines": lines,
+                          "error": None}))
+        return
+    if error is not None:
+        print(f"{path}: {error}", file=sys.stderr)
+        return
+    for n, (number, line) in enumerate(zip(reading.numbers, reading.lines)):
+        conf = float(np.prod([d.probability for d in line]))
+        shown = f"{path}: {number}" if len(reading.lines) == 1 else f"{path} line {n + 1}: {number}"
+        text = f"{shown} ({conf * 100:.1f}%)"
+        weak = [d.digit for d in line if d.probability < low]
+        if weak:
+            text += f"  [low confidence: {', '.join(weak)} below {low * 100:.0f}%]"
+        print(text)
+        if args.show_probabilities:
+            for d in line:
+                print(f"    {d.digit} {d.probability * 100:5.1f}%  box {d.box[0]},{d.box[1]} - {d.box[2]},{d.box[3]}"
+                      f"{'  [low confidence]' if d.probability < low else ''}")
+
+
+def read_numbers(inputs, classify, args):
+    """Read each picture's number, print it; returns how many pictures failed."""
+    out_dir = Path(args.annotate) if args.annotate else None
+    used, failed = set(), 0
+    for path, error in inputs:
+        reading = None
+        if error is None:
+            try:
+                reading = preprocess.read_number(path, classify, digits=args.digits)
+            except preprocess.NoDigitError:
+                error = "no digits found"
+            except preprocess.ImageError as err:
+                error = str(err)
+            if reading is not None and out_dir is not None:
+                try:
+                    annotate(path, reading, out_dir, used, args.low_confidence)
+                except OSError as err:
+                    error = f"could not write its annotated picture to {out_dir} ({err.strerror or err})"
+        failed += error is not None
+        print_number(path, reading if error is None else None, error, args)
+        sys.stdout.flush()
+    return failed
+
+
 def main(argv=None):
     parser = parse_args(argv)
     args = parser.parse_args(argv)
@@ -207,14 +318,17 @@ def main(argv=None):
     out_dir = Path(args.save_preprocessed) if args.save_preprocessed else None
     used_names, failed = set(), 0
     with torch.inference_mode():
-        for start in range(0, len(inputs), args.batch_size):
+        if args.number:
+            failed = read_numbers(inputs, make_classifier(model, device, mean, std), args)
+        for start in range(0, 0 if args.number else len(inputs), args.batch_size):
             chunk = inputs[start:start + args.batch_size]
             for path, probs, error in predict_chunk(model, device, chunk, mean, std, out_dir, used_names):
                 failed += error is not None
                 print_result(path, probs, error, args)
             sys.stdout.flush()  # results stream out a batch at a time, in input order
     if failed and not args.json:
-        print(f"predict.py: {failed} of {len(inputs)} picture(s) could not be predicted", file=sys.stderr)
+        print(f"predict.py: {failed} of {len(inputs)} picture(s) could not be "
+              f"{'read' if args.number else 'predicted'}", file=sys.stderr)
     return 1 if failed else 0
 
 

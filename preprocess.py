@@ -83,6 +83,7 @@ def open_image(source):
 def _decoded(img):
     """Decode a PIL image's first frame now, so a damaged file fails here with one line."""
     from PIL import Image
+    img.info.setdefault("full_size", img.size)  # boxes of a number are given in the file's own pixels
     try:
         if img.format == "JPEG" and max(img.size) > WORK_MAX:
             # decode big JPEGs at 1/2, 1/4 or 1/8 scale straight from the file: several times faster
@@ -102,10 +103,13 @@ def _decoded(img):
 def _upright(img):
     """Apply the EXIF orientation tag (phone photos are stored sideways with one); broken EXIF is ignored."""
     from PIL import ImageOps
+    full, stored = img.info.get("full_size", img.size), img.size
     try:
-        return ImageOps.exif_transpose(img)
+        img = ImageOps.exif_transpose(img)
     except Exception:  # a malformed tag says nothing reliable about orientation: use the pixels as stored
         return img
+    img.info["full_size"] = full[::-1] if img.size != stored else full  # turned by 90 degrees: swapped
+    return img
 
 
 def _reduce_to(img, max_side):
@@ -497,3 +501,494 @@ def mnist_to_image(tensor, mean=MNIST_MEAN, std=MNIST_STD):
     from PIL import Image
     pixels = (tensor.detach().cpu().reshape(FIELD, FIELD) * std + mean).clamp(0, 1)
     return Image.fromarray((pixels * 255).round().to(torch.uint8).numpy(), "L")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Numbers: a picture of several digits -> the digits, line by line, left to right: read_number()
+#
+# The same steps as image_to_mnist (open, ink-bright grey plane, fitted paper surface, ink mask, connected
+# parts, fit 20x20, centre by mass in 28x28), at a resolution fit for many digits (NUMBER_MAX on a side) and
+# then:
+#   parts -> lines (the rows their boxes cover, top to bottom) -> the line's digit height H (median of its
+#   tall parts) -> drop ruled lines and specks (judged by height against H, not by ink: a 1 has little ink),
+#   keep decimal points and dashes apart -> clusters (parts that overlap or nearly touch along x) ->
+#   candidate cuts in each cluster (between the parts' centres, and through parts wide enough to be two
+#   touching digits: at the thin columns of their ink) -> every run of cuts is a candidate digit -> all the
+#   candidates of the picture through the classifier in one batch -> per cluster, the chain of candidates
+#   with the most probable reading (over-segment and recognise), with a prior on a digit's width and height
+#   so that two digits are not read as one wide digit nor one digit as two slivers.
+# A broken digit (a 5 with its bar apart) is one candidate covering both parts, and wins because each part
+# alone is too short to be a digit. The classifier is passed in (pixels (N, 28, 28) in [0, 1] -> (N, 10)
+# probabilities), so this module never loads a model.
+# ------------------------------------------------------------------------------------------------------------
+
+NUMBER_MAX = 640         # longest side the ink of a number is found at: 10 digits across still get ~40 px each
+MAX_DIGITS = 64          # a picture with more than this is a page of text or noise: refused in one line
+MAX_CANDIDATES = 4096    # candidate digits per picture (the batch); more means something other than a number
+SPECK_HEIGHT = 0.3       # parts shorter than this share of the line's digit height are not digits by themselves
+LINE_CORE = 0.2          # a part's box, less this share at top and bottom, says which rows its line covers
+CUTTABLE_WIDTH = 0.75    # a part wider than this share of the digit height may be several touching digits
+MAX_DIGIT_WIDTH = 1.6    # no candidate digit is wider than this share of the digit height
+NEAR_GAP = 0.04          # parts closer than this share of the digit height along x are one cluster
+SEGMENT_COST = 2.0       # log-probability each further digit costs: a wide 0 is not two slivers read as 1s
+WIDE = 1.0               # candidates wider than this share of the digit height ...
+WIDE_COST = 8.0          # ... lose this much log-probability per digit height of excess width
+
+
+class TooManyDigitsError(ImageError):
+    """More marks than any number has: a page of text, a sheet of specks. Refused before the work explodes."""
+
+
+@dataclass
+class ReadDigit:
+    """One character of a reading: a digit "0"-"9" (or "." / "-"), its probability and its box in the picture's
+    own pixels (x0, y0, x1, y1, x1 and y1 exclusive, after the EXIF orientation is applied)."""
+    digit: str
+    probability: float
+    box: tuple
+
+
+@dataclass
+class NumberReading:
+    """What read_number found: lines of ReadDigit top to bottom, and the picture's upright size in pixels."""
+    lines: list
+    size: tuple
+
+    @property
+    def numbers(self):
+        return ["".join(d.digit for d in line) for line in self.lines]
+
+    @property
+    def number(self):
+        return "\n".join(self.numbers)
+
+    @property
+    def confidence(self):
+        p = 1.0
+        for line in self.lines:
+            for d in line:
+                p *= d.probability
+        return p
+
+
+def fit_and_centre(crop):
+    """A digit cropped to its ink (float, paper 0, ink about 1) -> 28x28 float32 in [0, 1], as MNIST: fitted
+    into 20x20 (thin strokes thickened) and centred by mass. The last two steps of image_to_mnist."""
+    digit = np.clip(_fit_digit_box(crop), 0.0, 1.0)
+    if digit.sum() <= 0:
+        raise NoDigitError("no digit found")
+    return _place_by_mass(digit)
+
+
+@dataclass
+class _Ink:
+    """The ink of a picture at the number resolution: contrast against the paper (paper 0, ink positive)."""
+    ink: np.ndarray     # float32 contrast map
+    strong: np.ndarray  # bool: surely ink (the mask parts are found in)
+    noise: float        # robust spread of the paper in `ink`
+    level: float        # typical contrast of the ink (90th percentile)
+    scale: float        # picture pixels per map pixel
+    labels: np.ndarray = None  # the connected parts of `strong`, once _find_parts has run
+
+
+def _number_ink(plane, ink_is_alpha, picture_size):
+    """The paper surface from the coarse copy, as in _find_digit, then the ink at NUMBER_MAX on a side."""
+    coarse_img, cfactor = _reduce_to(plane, ANALYSIS_MAX)
+    coarse = _to_float(coarse_img)
+    coef, cnoise = _fit_background(coarse)
+    flat = coarse - _surface(coef, np.arange(coarse.shape[0]) + 0.5, np.arange(coarse.shape[1]) + 0.5,
+                             coarse.shape)
+    sign = -1.0 if not ink_is_alpha and _is_dark_on_light(flat, cnoise) else 1.0
+    fine_img, ffactor = _reduce_to(plane, NUMBER_MAX)
+    fine = _to_float(fine_img)
+    h, w = fine.shape
+    # the fitted surface is in coarse-pixel units: map the fine pixel centres onto it
+    rows = (np.arange(h) + 0.5) * ffactor / cfactor
+    cols = (np.arange(w) + 0.5) * ffactor / cfactor
+    ink = (sign * (fine - _surface(coef, rows, cols, coarse.shape))).astype(np.float32)
+    noise = max(_spread(ink), 0.5 / 255)
+    candidates = ink > 4.0 * noise + 0.02
+    if candidates.sum() < 4:
+        raise NoDigitError("no digits found (the picture is blank)")
+    level = float(np.percentile(ink[candidates], 90))
+    if level < max(0.08, 8.0 * noise):
+        raise NoDigitError("no digits found (nothing stands out from the background)")
+    strong = ink > max(0.45 * level, 4.0 * noise + 0.02)
+    scale = picture_size[0] / w
+    return _Ink(ink, strong, noise, level, scale)
+
+
+@dataclass
+class _Part:
+    """One connected part of the ink mask: its label, box (y0, y1, x0, x1; y1 and x1 inclusive), ink mass."""
+    label: int
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    mass: float
+    edge: bool
+
+    @property
+    def h(self):
+        return self.y1 - self.y0 + 1
+
+    @property
+    def w(self):
+        return self.x1 - self.x0 + 1
+
+    @property
+    def cx(self):
+        return (self.x0 + self.x1 + 1) / 2.0
+
+
+def _find_parts(found):
+    """The connected parts of the ink mask as _Part, and the label image."""
+    labels, ids, mass, (y0, y1, x0, x1), edge = _parts(found.strong, found.ink)
+    found.labels = labels
+    return [_Part(int(ids[i]), int(y0[i]), int(y1[i]), int(x0[i]), int(x1[i]), float(mass[i]),
+                          bool(edge[i])) for i in range(ids.size)]
+
+
+def _group_lines(parts):
+    """Parts -> lines, top to bottom: [(digit height H, [parts])].
+
+    The tall parts (at least 40% of the tallest) say which rows hold digits: each covers its box less LINE_CORE
+    at top and bottom, so a 7 slanting into the next line does not chain two lines into one. Rows covered by
+    no tall part separate lines; every other part goes to the line its centre is nearest to.
+    """
+    if not parts:
+        return []
+    tallest = max(p.h for p in parts)
+    tall = [p for p in parts if p.h >= 0.4 * tallest]
+    spans = sorted((p.y0 + LINE_CORE * p.h, p.y1 - LINE_CORE * p.h) for p in tall)
+    bands = []
+    for top, bottom in spans:
+        if bands and top <= bands[-1][1]:
+            bands[-1][1] = max(bands[-1][1], bottom)
+        else:
+            bands.append([top, bottom])
+    members = [[] for _ in bands]
+    for p in parts:
+        centre = (p.y0 + p.y1) / 2.0
+        dist = [max(top - centre, centre - bottom, 0.0) for top, bottom in bands]
+        members[int(np.argmin(dist))].append(p)
+    lines = []
+    for group in members:
+        heights = [p.h for p in group if p.h >= 0.4 * tallest]
+        height = float(np.median(heights)) if heights else float(max(p.h for p in group))
+        lines.append((height, group))
+    return lines
+
+
+def _classify_marks(height, group):
+    """Split a line's parts into digit parts and marks: ([digit parts], [(char, part)] for '.' and '-').
+
+    A ruled line (long, flat) and specks are dropped. A short part is kept as a piece of a digit when it lies
+    over a tall part's columns (the bar of a 5, the top of a 7); on the baseline between digits and about as
+    tall as wide it is a decimal point; at mid height and flat, a dash; anything else short is a speck.
+    """
+    tall = [p for p in group if p.h >= SPECK_HEIGHT * height]
+    bottom = float(np.median([p.y1 for p in tall])) if tall else 0.0
+    top = float(np.median([p.y0 for p in tall])) if tall else 0.0
+    digits, marks = [], []
+    for p in group:
+        if p.w > 3 * height and p.h < 0.3 * height:
+            continue  # a ruled line or an underline
+        if p.h >= SPECK_HEIGHT * height:
+            digits.append(p)
+            continue
+        if p.w < 0.06 * height and p.h < 0.06 * height:
+            continue  # dust
+        overlap = max((min(p.x1, q.x1) - max(p.x0, q.x0) + 1 for q in tall), default=0)
+        if overlap >= 0.4 * p.w:
+            digits.append(p)  # a detached piece of the digit above or below it
+            continue
+        between = any(q.x1 < p.x0 for q in tall) and any(q.x0 > p.x1 for q in tall)
+        mid = (p.y0 + p.y1) / 2.0
+        if between and p.y1 >= bottom - 0.15 * height and p.h <= 0.25 * height and p.w <= 0.3 * height \
+                and p.w <= 2.5 * p.h:
+            marks.append((".", p))
+        elif between and abs(mid - (top + bottom) / 2) < 0.25 * height and p.w >= 0.2 * height \
+                and p.w >= 2.5 * p.h and _clear_of(p, tall, 0.12 * height):
+            marks.append(("-", p))
+        elif p.x1 < min((q.x0 for q in tall), default=0) and p.w >= 0.2 * height and p.w >= 2.5 * p.h \
+                and abs(mid - (top + bottom) / 2) < 0.25 * height:
+            marks.append(("-", p))  # a minus sign before the number
+    return digits, marks
+
+
+def _clear_of(p, others, gap):
+    """True when part p keeps at least `gap` pixels from every other part along x."""
+    return all(q.x0 - p.x1 > gap or p.x0 - q.x1 > gap for q in others)
+
+
+def _clusters(height, parts):
+    """Digit parts -> clusters along x: parts that overlap or nearly touch belong to one reading problem."""
+    clusters = []
+    for p in sorted(parts, key=lambda p: p.x0):
+        if clusters and p.x0 <= max(q.x1 for q in clusters[-1]) + NEAR_GAP * height:
+            clusters[-1].append(p)
+        else:
+            clusters.append([p])
+    return clusters
+
+
+def _cut_positions(height, cluster, found):
+    """Where a cluster may be cut between digits: a list of seams, each the column of the cut in every row of
+    the cluster's box (pixels left of it go left). The first and last are the box's edges.
+
+    A seam runs from top to bottom through as little ink as it can (a minimum-cost path, a step sideways at
+    most per row), so it slips between digits that overlap without touching and crosses touching strokes at
+    their junction. Seams end at the bottom at the gaps between parts and, in parts wide enough to be
+    several digits, at the thin columns of their ink (local minima of the column sums) and on a coarse grid.
+    """
+    y0, y1 = min(p.y0 for p in cluster), max(p.y1 for p in cluster) + 1
+    x0, x1 = min(p.x0 for p in cluster), max(p.x1 for p in cluster) + 1
+    h, w = y1 - y0, x1 - x0
+    mask = np.isin(found.labels[y0:y1, x0:x1], [p.label for p in cluster])
+    ends = set()
+    order = sorted(cluster, key=lambda p: p.cx)
+    for a, b in zip(order, order[1:]):
+        if a.w < CUTTABLE_WIDTH * height and b.w < CUTTABLE_WIDTH * height:
+            ends.add(int(round((a.cx + b.cx) / 2)) - x0)
+    profile = mask.sum(0).astype(np.float32)
+    smooth = np.convolve(profile, np.ones(3, np.float32) / 3, mode="same")
+    for p in cluster:
+        if p.w < CUTTABLE_WIDTH * height:
+            continue
+        margin = max(2, int(0.2 * height))
+        lo, hi = p.x0 - x0 + margin, p.x1 + 1 - x0 - margin
+        for i in range(max(lo, 1), min(hi, w - 1)):
+            if smooth[i] <= smooth[i - 1] and smooth[i] <= smooth[i + 1]:
+                ends.add(i)
+        ends.update(range(lo, hi, max(2, int(height / 8))))
+    ends = sorted(e for e in ends if 1 <= e < w)
+    seams = [np.zeros(h, np.int32)]
+    if ends:
+        cost = 1.0 + 20.0 * np.where(mask, np.clip(found.ink[y0:y1, x0:x1] / found.level, 0, 1), 0.0)
+        acc = cost[0].astype(np.float32)
+        step = np.zeros((h, w), np.int8)
+        for r in range(1, h):
+            left = np.concatenate([[np.inf], acc[:-1]]) + 0.5
+            right = np.concatenate([acc[1:], [np.inf]]) + 0.5
+            choice = np.argmin(np.stack([left, acc, right]), 0)
+            step[r] = choice - 1
+            acc = cost[r] + np.minimum(np.minimum(left, acc), right)
+        paths = np.empty((h, len(ends)), np.int32)  # every seam traced back up at once
+        x = np.asarray(ends, np.int32)
+        paths[h - 1] = x
+        for r in range(h - 1, 0, -1):
+            x = np.clip(x + step[r, x], 0, w - 1)
+            paths[r - 1] = x
+        # seams that split the ink the same way are one cut: count the ink left of each seam, row by row
+        ink_left = np.cumsum(np.pad(mask, ((0, 0), (1, 0))), 1)[np.arange(h)[:, None], paths]
+        _, first = np.unique(ink_left.T, axis=0, return_index=True)
+        seams += [paths[:, k] for k in first if 0 < ink_left[:, k].sum() < mask.sum()]
+    seams.append(np.full(h, w, np.int32))
+    seams.sort(key=lambda s: float(s.mean()))
+    return (y0, y1, x0, x1), seams
+
+
+def _candidate(found, height, cluster, box, left, right):
+    """The ink of a cluster between two seams: (28x28 pixels, box y0 y1 x0 x1 on the map, prior) or None.
+
+    The prior (a log-probability) says how much the candidate looks like one digit by its size against the
+    line's digit height: too short is a piece, too wide is probably two digits, and every digit read costs
+    SEGMENT_COST, so that a digit is not read as two slivers that each look like a 1.
+    """
+    y0, y1, x0, x1 = box
+    window = found.labels[y0:y1, x0:x1]
+    cols = np.arange(x1 - x0)[None, :]
+    between = (cols >= left[:, None]) & (cols < right[:, None])
+    mask = np.isin(window, [p.label for p in cluster]) & between
+    if mask.sum() < 3:
+        return None
+    ry, rx = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
+    mask = mask[ry[0]:ry[-1] + 1, rx[0]:rx[-1] + 1]
+    by0, bx0 = y0 + ry[0], x0 + rx[0]
+    by1, bx1 = by0 + mask.shape[0], bx0 + mask.shape[1]
+    # take in the anti-aliased rim around the strokes, as image_to_mnist does, but not the neighbours' ink
+    py0, px0 = max(0, by0 - 1), max(0, bx0 - 1)
+    py1, px1 = min(found.ink.shape[0], by1 + 1), min(found.ink.shape[1], bx1 + 1)
+    big = np.zeros((py1 - py0, px1 - px0), bool)
+    big[by0 - py0:by1 - py0, bx0 - px0:bx1 - px0] = mask
+    keep = big | (_dilate(big, 1) & (found.labels[py0:py1, px0:px1] == 0))
+    ink = np.where(keep, found.ink[py0:py1, px0:px1], 0.0)
+    n = found.noise
+    crop = np.clip((ink - 3.0 * n) / max(found.level - 3.0 * n, 1e-6), 0.0, 1.0).astype(np.float32)
+    ry, rx = np.nonzero((crop > 0).any(1))[0], np.nonzero((crop > 0).any(0))[0]
+    if ry.size == 0:
+        return None
+    crop = crop[ry[0]:ry[-1] + 1, rx[0]:rx[-1] + 1]
+    h, w = by1 - by0, bx1 - bx0
+    prior = -SEGMENT_COST
+    if h < 0.6 * height:  # a piece of a digit, or a sliver left by a bad cut
+        prior -= 12.0 * (0.6 - h / height)
+    if w > WIDE * height:  # wider than most single digits: probably two
+        prior -= WIDE_COST * (w / height - WIDE)
+    try:
+        pixels = fit_and_centre(crop)
+    except NoDigitError:
+        return None
+    return pixels, (int(by0), int(by1), int(bx0), int(bx1)), prior
+
+
+def _best_chain(cuts, scores, count=None):
+    """Viterbi over a cluster's cuts: the chain of candidates from the first cut to the last with the highest
+    total score (scores[(i, j)] for the candidate between cuts i and j). With count, exactly that many
+    candidates (None when impossible). Returns (total, [(i, j), ...])."""
+    m = len(cuts)
+    most = count if count is not None else m
+    best = [dict() for _ in range(m)]  # best[j][k] = (score, previous i) for k candidates ending at cut j
+    best[0][0] = (0.0, None)
+    for j in range(1, m):
+        for i in range(j):
+            s = scores.get((i, j))
+            if s is None:
+                continue
+            for k, (total, _) in best[i].items():
+                if k + 1 <= most and (k + 1 not in best[j] or total + s > best[j][k + 1][0]):
+                    best[j][k + 1] = (total + s, i)
+    end = best[m - 1]
+    if not end:
+        return None
+    k = count if count is not None else max(end, key=lambda k: end[k][0])
+    if k not in end:
+        return None
+    total, chain, j = end[k][0], [], m - 1
+    while j > 0:
+        i = best[j][k][1]
+        chain.append((i, j))
+        j, k = i, k - 1
+    return total, chain[::-1]
+
+
+def read_number(source, classify, digits=None, max_digits=MAX_DIGITS):
+    """A picture of a number (or several, one per line) -> NumberReading, lines top to bottom.
+
+    classify: pixels (N, 28, 28) float32 in [0, 1], white on black -> (N, 10) probabilities (any array-like);
+    it is called once, with every candidate digit of the picture. digits: the number of digits there are
+    (all lines together); the reader cuts or joins to find exactly that many. Raises ImageError (one line) for
+    an unreadable picture, NoDigitError when it holds no ink and TooManyDigitsError past max_digits.
+    """
+    img = open_image(source)
+    size = tuple(img.info.get("full_size", img.size))
+    plane, ink_is_alpha = _grey_plane(img)
+    found = _number_ink(plane, ink_is_alpha, size)
+    parts = _find_parts(found)
+    if parts and not all(p.edge for p in parts):
+        parts = [p for p in parts if not p.edge]  # a table edge or dark margin beside the page
+    problems = []  # (line index, cluster, cuts, height)
+    marks = []     # (line index, char, part)
+    for li, (height, group) in enumerate(_group_lines(parts)):
+        kept, line_marks = _classify_marks(height, group)
+        marks += [(li, c, p) for c, p in line_marks]
+        for cluster in _clusters(height, kept):
+            problems.append((li, cluster, _cut_positions(height, cluster, found), height))
+    if not problems:
+        raise NoDigitError("no digits found")
+    # a first bound before any work: each cluster holds at least one digit, a cut every H/4 at most
+    if len(problems) > max_digits:
+        raise TooManyDigitsError(f"more than {max_digits} digits (found {len(problems)} separate marks): "
+                                 f"not a number, or a page of text")
+    if digits is not None:
+        problems = _join_to(problems, digits, found)
+    pixels, boxes, keys, priors = [], [], [], []
+    for n, (li, cluster, (box, seams), height) in enumerate(problems):
+        for i in range(len(seams)):
+            for j in range(i + 1, len(seams)):
+                if float((seams[j] - seams[i]).max()) > MAX_DIGIT_WIDTH * height and not (i == 0 and j == len(seams) - 1):
+                    continue  # the whole cluster stays a candidate, so every cluster has a reading
+                got = _candidate(found, height, cluster, box, seams[i], seams[j])
+                if got is None:
+                    continue
+                pixels.append(got[0])
+                boxes.append(got[1])
+                priors.append(got[2])
+                keys.append((n, i, j))
+                if len(keys) > MAX_CANDIDATES:
+                    raise TooManyDigitsError(f"more than {max_digits} digits, or ink that is not digits (over "
+                                             f"{MAX_CANDIDATES} ways to cut it): not a number")
+    if not pixels:
+        raise NoDigitError("no digits found")
+    probs = np.asarray(classify(np.stack(pixels)), dtype=np.float64).reshape(len(pixels), 10)
+    best = probs.argmax(1)
+    logp = np.log(np.maximum(probs[np.arange(len(best)), best], 1e-12)) + np.asarray(priors)
+    table = {}
+    for k, (n, i, j) in enumerate(keys):
+        table.setdefault(n, {})[(i, j)] = (k, float(logp[k]))
+    chains = _choose_counts(problems, table, digits)
+    read = {}
+    for n, chain in chains.items():
+        li = problems[n][0]
+        for i, j in chain:
+            k = table[n][(i, j)][0]
+            read.setdefault(li, []).append((boxes[k], str(int(best[k])), float(probs[k, best[k]])))
+    for li, char, p in marks:
+        read.setdefault(li, []).append(((p.y0, p.y1 + 1, p.x0, p.x1 + 1), char, 1.0))
+    total = sum(len(v) for v in read.values())
+    if total > max_digits:
+        raise TooManyDigitsError(f"more than {max_digits} digits ({total}): not a number, or a page of text")
+    lines = []
+    for li in sorted(read):
+        line = sorted(read[li], key=lambda r: r[0][2] + r[0][3])
+        lines.append([ReadDigit(char, prob, _picture_box(box, found.scale, size)) for box, char, prob in line])
+    return NumberReading(lines, size)
+
+
+def _picture_box(box, scale, size):
+    y0, y1, x0, x1 = box
+    return (int(x0 * scale), int(y0 * scale), min(size[0], int(np.ceil(x1 * scale))),
+            min(size[1], int(np.ceil(y1 * scale))))
+
+
+def _join_to(problems, digits, found):
+    """With a known count: while there are more clusters than digits, join the two nearest neighbours on a line
+    (a digit in two pieces far apart); fewer clusters than digits are left to the cutting."""
+    problems = list(problems)
+    while len(problems) > digits:
+        gaps = [((min(p.x0 for p in b[1]) - max(p.x1 for p in a[1])) / a[3], n)
+                for n, (a, b) in enumerate(zip(problems, problems[1:])) if a[0] == b[0]]
+        if not gaps:
+            break
+        _, n = min(gaps)
+        (li, ca, _, ha), (_, cb, _, hb) = problems[n], problems[n + 1]
+        height = max(ha, hb)
+        cluster = ca + cb
+        problems[n:n + 2] = [(li, cluster, None, height)]
+    return [(li, c, cuts if cuts is not None else _cut_positions(h, c, found), h) for li, c, cuts, h in problems]
+
+
+def _choose_counts(problems, table, digits):
+    """The best chain of each cluster; with a known total count, the counts per cluster that reach it with the
+    highest total score (a small knapsack over the clusters)."""
+    if digits is None:
+        chains = {}
+        for n, (_, _, cuts, _) in enumerate(problems):
+            got = _best_chain(cuts[1], {key: v[1] for key, v in table.get(n, {}).items()})
+            if got is not None:
+                chains[n] = got[1]
+        return chains
+    options = []
+    for n, (_, _, cuts, _) in enumerate(problems):
+        scores = {key: v[1] for key, v in table.get(n, {}).items()}
+        per_count = {}
+        for k in range(1, min(digits, len(cuts[1]) - 1) + 1):
+            got = _best_chain(cuts[1], scores, k)
+            if got is not None:
+                per_count[k] = got
+        options.append(per_count)
+    reach = {0: (0.0, [])}  # total count -> (score, chosen count per cluster so far)
+    for per_count in options:
+        nxt = {}
+        for have, (score, picks) in reach.items():
+            for k, (s, _) in per_count.items():
+                if have + k <= digits and (have + k not in nxt or score + s > nxt[have + k][0]):
+                    nxt[have + k] = (score + s, picks + [k])
+        reach = nxt or reach
+    if digits in reach:
+        picks = reach[digits][1]
+    else:  # cannot reach it: the closest count that can be read
+        picks = reach[min(reach, key=lambda c: (abs(c - digits), -reach[c][0]))][1]
+    return {n: options[n][k][1] for n, k in enumerate(picks) if k in options[n]}

@@ -252,6 +252,121 @@ def other_writers(count=None):
     return made
 
 
+# ---- numbers: several digits in one picture ------------------------------------------------------------------
+#
+#   spaced_paper_jpeg  2-6 digits, gaps from 0.08 to 0.6 of the digit height, dark ink on tinted noisy paper, JPEG
+#   spaced_paper_png   the same as PNG
+#   spaced_canvas      2-6 spaced digits, white on a black canvas (a drawing app), PNG
+#   long               7-10 spaced digits on paper, JPEG or PNG
+#   touching           2-6 digits whose boxes overlap (gaps -0.1 to -0.01 of the height): strokes touch or cross
+#   uci                2-6 spaced digits by other writers (scikit-learn's 8x8 UCI digits, upscaled), on paper
+#
+# In every kind the digits differ in size by +-10%, sit on a wavy baseline and lean a little; broken digits
+# come as MNIST has them (a 5 with its bar apart, a thin 4 in two pieces). The true number is in the file
+# name, after the index: 0007_2026.png. Made from MNIST *test* digits for the figures we report, from *train*
+# digits (split="train", another seed) for the development set the reader's thresholds were chosen on.
+
+NUMBER_KINDS = ("spaced_paper_jpeg", "spaced_paper_png", "spaced_canvas", "long", "touching", "uci")
+NUMBER_LENGTHS = {"long": (7, 10)}  # digits per number; the rest: 2-6
+
+
+def _uci_as_mnist():
+    """scikit-learn's UCI digits as MNIST-like 28x28 uint8 (the 8x8 grid stretched to 20x20, a 4-pixel margin)."""
+    from sklearn.datasets import load_digits
+    images, labels = load_digits(return_X_y=True)
+    out = np.zeros((len(images), 28, 28), np.uint8)
+    for n, row in enumerate(images):
+        small = Image.fromarray((row.reshape(8, 8) * 255 / 16).astype(np.uint8), "L")
+        out[n, 4:24, 4:24] = np.asarray(small.resize((20, 20), Image.Resampling.BICUBIC))
+    return out, labels
+
+
+def number_strip(digits, height, gaps, rng):
+    """Ink coverage of digits (28x28 uint8 each) written in a row: heights +-10% around `height`, a wavy
+    baseline, and gaps[i] (a share of the height; negative overlaps) between the ink of neighbours."""
+    pieces = []
+    for digit in digits:
+        h = max(8, int(height * rng.uniform(0.9, 1.1)))
+        cover = _upscale(digit, h, rng)
+        cols = np.nonzero(cover.max(0) > 0.05)[0]
+        pieces.append(cover[:, cols[0]:cols[-1] + 1] if cols.size else cover)
+    wave, phase = rng.uniform(0, 0.08) * height, rng.uniform(0, 2 * np.pi)
+    period = rng.uniform(3, 8) * height
+    xs, x = [], 0
+    for n, piece in enumerate(pieces):
+        xs.append(x)
+        x += piece.shape[1] + (int(round(gaps[n] * height)) if n < len(gaps) else 0)
+    width = max(x0 + p.shape[1] for x0, p in zip(xs, pieces))
+    top = int(np.ceil(wave)) + 2
+    strip = np.zeros((int(1.12 * height) + 2 * top + 2, width), np.float32)
+    for x0, piece in zip(xs, pieces):
+        y0 = top + int(round(wave * np.sin(2 * np.pi * x0 / period + phase))) + (strip.shape[0] - 2 * top - piece.shape[0]) // 2
+        region = strip[y0:y0 + piece.shape[0], x0:x0 + piece.shape[1]]
+        np.maximum(region, piece[:region.shape[0], :region.shape[1]], out=region)
+    return strip
+
+
+def make_number(kind, digits, rng):
+    """One picture of a number of `kind` from digit images (28x28 uint8): (PIL image, suffix, save kwargs)."""
+    n = len(digits)
+    if kind == "touching":
+        gaps = rng.uniform(-0.1, -0.01, n - 1)
+    else:
+        gaps = rng.uniform(0.08, 0.6, n - 1)
+    height = int(rng.integers(40, 100)) if kind != "long" else int(rng.integers(36, 70))
+    strip = number_strip(digits, height, gaps, rng)
+    mh, mw = int(rng.uniform(0.3, 1.5) * height), int(rng.uniform(0.3, 1.5) * height)
+    if kind == "spaced_canvas":
+        mh, mw = mh + int(rng.integers(0, 200)), mw + int(rng.integers(0, 200))
+    h, w = strip.shape[0] + 2 * mh, strip.shape[1] + 2 * mw
+    cover = np.zeros((h, w), np.float32)
+    top, left = int(rng.integers(0, 2 * mh + 1)), int(rng.integers(0, 2 * mw + 1))
+    cover[top:top + strip.shape[0], left:left + strip.shape[1]] = strip
+    if kind == "spaced_canvas":
+        bg, fg = rng.uniform(0, 25), rng.uniform(200, 255)
+        return Image.fromarray((bg + (fg - bg) * cover).round().astype(np.uint8), "L"), ".png", {"compress_level": 1}
+    img = Image.fromarray(_compose(_paper(h, w, rng), cover, _dark_ink(rng)), "RGB")
+    if kind == "spaced_paper_jpeg" or (kind in ("long", "uci") and rng.random() < 0.5):
+        return img, ".jpg", {"quality": int(rng.integers(60, 91))}
+    return img, ".png", {"compress_level": 1}
+
+
+def make_number_set(out_dir, images, labels, kinds=NUMBER_KINDS, per_kind=50, seed=0):
+    """Write per_kind pictures of numbers of each kind under out_dir/<kind>/NNNN_<number>.<ext>; returns
+    [(path, number string, kind)]. Digits come from images/labels (MNIST uint8 (N, 28, 28)); the uci kind
+    takes scikit-learn's UCI digits instead."""
+    out_dir = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    made = []
+    for kind in kinds:
+        pool_x, pool_y = _uci_as_mnist() if kind == "uci" else (images, labels)
+        folder = out_dir / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        low, high = NUMBER_LENGTHS.get(kind, (2, 6))
+        for i in range(per_kind):
+            idx = rng.integers(0, len(pool_x), int(rng.integers(low, high + 1)))
+            number = "".join(str(int(pool_y[j])) for j in idx)
+            img, suffix, kwargs = make_number(kind, [np.asarray(pool_x[j], np.uint8) for j in idx], rng)
+            path = folder / f"{i:04d}_{number}{suffix}"
+            img.save(path, **kwargs)
+            made.append((path, number, kind))
+    return made
+
+
+def number_photo(digits, rng, size=(4000, 3000)):
+    """A 12-megapixel phone photo of a number written on a page: uneven light, blur, JPEG (PIL image)."""
+    w, h = size
+    strip = number_strip(digits, int(h * 0.12), rng.uniform(0.15, 0.5, len(digits) - 1), rng)
+    cover = np.zeros((h, w), np.float32)
+    top, left = (h - strip.shape[0]) // 2, (w - strip.shape[1]) // 2
+    cover[top:top + strip.shape[0], left:left + strip.shape[1]] = strip[:, :w]
+    xx = np.linspace(0, 1, w, dtype=np.float32)[None, :]
+    light = 1 - 0.25 * xx
+    paper = _paper(h, w, rng) * light[..., None]
+    img = Image.fromarray(_compose(paper, cover, _dark_ink(rng)), "RGB")
+    return img.filter(ImageFilter.GaussianBlur(1.0))
+
+
 def naive_28(picture):
     """The plain resize people try first: greyscale, resize to 28x28, no other change (float in [0, 1])."""
     img = picture if isinstance(picture, Image.Image) else Image.open(picture)

@@ -1,0 +1,198 @@
+"""Score the number reader on pictures whose true number is in the file name: python evaluate_numbers.py FOLDER
+
+A picture's true number is the last part of its name after an underscore (`0007_2026.png` holds 2026; a line
+break in a multi-line picture is written `-`, `0003_12-345.png`). Its kind is the subfolder it lies in
+(`FOLDER/touching/0007_2026.png` is of kind `touching`); pictures directly in FOLDER are of kind `.`. For each
+kind it prints the string accuracy (the whole number right), the digit accuracy (digits right at their place,
+over the true digits, when the count is right; a wrong count scores none of that number's digits), and the
+segmentation errors (pictures read with the wrong number of digits).
+
+    python evaluate_numbers.py results/numbers_test                        # the reader of predict.py --number
+    python evaluate_numbers.py results/numbers_test --recipe plain         # the plain recipe, as a baseline
+    python evaluate_numbers.py --time results/photo_12mp_20260417.jpg      # seconds to read one picture
+
+The plain recipe is what most tutorials do: a global threshold (Otsu's), connected components, small ones
+dropped, sorted by x, each classified (fitted into 20x20 and centred by mass like our reader, so the
+comparison is about finding the digits, not about framing them). `--json` writes the table as one JSON
+object. Exit code 0; 2 for bad flags or an unusable checkpoint.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import preprocess
+from checkpoint import CheckpointError, load_checkpoint, model_path_or_default
+from common import OneLineParser, fail, first_line
+
+
+def parse_args():
+    p = OneLineParser(prog="evaluate_numbers.py", description=__doc__.splitlines()[0],
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("folder", nargs="?", help="pictures of numbers, in one subfolder per kind")
+    p.add_argument("--model_path", "--model-path", default=None,
+                   help="checkpoint; default: the one predict.py uses (results/best_model_simple_pt.pth, else "
+                        "the shipped pretrained/best_model_simple_pt.pth)")
+    p.add_argument("--recipe", choices=("reader", "plain"), default="reader",
+                   help="reader: preprocess.read_number (predict.py --number); plain: threshold, components, "
+                        "sort by x, classify each")
+    p.add_argument("--digits_known", "--digits-known", action="store_true",
+                   help="tell the reader how many digits each number has (predict.py --digits)")
+    p.add_argument("--json", action="store_true", help="print the table as one JSON object")
+    p.add_argument("--errors", type=int, default=0, help="also list up to this many misread pictures per kind")
+    p.add_argument("--time", metavar="PICTURE", default=None,
+                   help="instead: read PICTURE --repeat times and print the seconds each read took")
+    p.add_argument("--repeat", type=int, default=5, help="reads for --time (the first is reported apart)")
+    return p
+
+
+def truth_of(path):
+    """`0007_2026.png` -> "2026"; `-` in the name stands for a line break."""
+    return Path(path).stem.rsplit("_", 1)[-1].replace("-", "\n")
+
+
+def make_classifier(model, mean, std):
+    """pixels (N, 28, 28) in [0, 1] -> (N, 10) probabilities, one forward pass."""
+    def classify(pixels):
+        x = (torch.from_numpy(np.ascontiguousarray(pixels, np.float32)) - mean) / std
+        with torch.inference_mode():
+            return model(x.unsqueeze(1)).float().softmax(1).numpy()
+    return classify
+
+
+def _otsu(values):
+    """Otsu's threshold of values in [0, 1] (256 bins)."""
+    hist = np.bincount(np.clip((values * 255).astype(np.int64), 0, 255).ravel(), minlength=256).astype(np.float64)
+    total = hist.sum()
+    cum, cum_mean = np.cumsum(hist), np.cumsum(hist * np.arange(256))
+    w0, w1 = cum, total - cum
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (cum_mean[-1] * w0 / total - cum_mean) ** 2 / (w0 * w1)
+    return (int(np.nanargmax(between)) + 0.5) / 255.0
+
+
+def plain_recipe(source, classify):
+    """The tutorial recipe: greyscale, Otsu threshold (the minority side is ink), connected components,
+    components under 0.1% of the picture dropped, sorted by x, each classified. -> the number string."""
+    img = preprocess.open_image(source)
+    grey, _ = preprocess._reduce_to(img.convert("L"), preprocess.NUMBER_MAX)
+    grey = np.asarray(grey, np.float32) / 255.0
+    t = _otsu(grey)
+    ink = grey < t if (grey < t).mean() < 0.5 else grey > t
+    value = (1.0 - grey) if (grey < t).mean() < 0.5 else grey
+    labels = preprocess._label_components(ink)
+    ids, counts = np.unique(labels[labels > 0], return_counts=True)
+    boxes = []
+    for i, c in zip(ids, counts):
+        if c < 0.001 * ink.size:
+            continue
+        ys, xs = np.nonzero(labels == i)
+        boxes.append((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1, i))
+    if not boxes or len(boxes) > preprocess.MAX_DIGITS:
+        return ""
+    pixels = []
+    for x0, y0, x1, y1, i in sorted(boxes):
+        crop = np.where(labels[y0:y1, x0:x1] == i, value[y0:y1, x0:x1], 0.0).astype(np.float32)
+        crop = crop / max(float(crop.max()), 1e-6)
+        pixels.append(preprocess.fit_and_centre(crop))
+    probs = np.asarray(classify(np.stack(pixels)))
+    return "".join(str(int(d)) for d in probs.argmax(1))
+
+
+def read(path, recipe, classify, digits=None):
+    """The number string a recipe reads in one picture ("" when it finds nothing)."""
+    if recipe == "plain":
+        return plain_recipe(path, classify)
+    try:
+        return preprocess.read_number(path, classify, digits=digits).number
+    except preprocess.ImageError:
+        return ""
+
+
+def score(folder, recipe, classify, digits_known=False, keep_errors=0):
+    """{kind: {"n", "string_accuracy", "digit_accuracy", "segmentation_errors", "errors": [...]}}."""
+    folder = Path(folder)
+    pictures = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in preprocess.IMAGE_SUFFIXES)
+    table = {}
+    for path in pictures:
+        kind = path.parent.relative_to(folder).as_posix()
+        truth = truth_of(path)
+        got = read(path, recipe, classify, len(truth.replace("\n", "")) if digits_known else None)
+        row = table.setdefault(kind, {"n": 0, "right": 0, "digits": 0, "digits_right": 0, "count_wrong": 0,
+                                      "errors": []})
+        row["n"] += 1
+        row["digits"] += len(truth.replace("\n", ""))
+        flat_truth, flat_got = truth.replace("\n", ""), got.replace("\n", "").replace(".", "").replace("-", "")
+        if got == truth:
+            row["right"] += 1
+        elif len(row["errors"]) < keep_errors:
+            row["errors"].append(f"{path.name}: read {got!r}")
+        if len(flat_got) == len(flat_truth):
+            row["digits_right"] += sum(a == b for a, b in zip(flat_got, flat_truth))
+        else:
+            row["count_wrong"] += 1
+    return {kind: {"n": r["n"], "string_accuracy": r["right"] / r["n"],
+                   "digit_accuracy": r["digits_right"] / r["digits"],
+                   "segmentation_errors": r["count_wrong"], "errors": r["errors"]} for kind, r in table.items()}
+
+
+def time_reads(path, classify, repeat):
+    """Seconds per read of one picture by read_number: [first, then the others]."""
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        reading = preprocess.read_number(path, classify)
+        times.append(time.perf_counter() - started)
+    return times, reading
+
+
+def main(argv=None):
+    parser = parse_args()
+    args = parser.parse_args(argv)
+    if (args.folder is None) == (args.time is None):
+        parser.error("give a FOLDER of pictures to score, or --time PICTURE")
+    if args.repeat < 1:
+        parser.error(f"--repeat must be at least 1, got {args.repeat}")
+    try:
+        model_path = model_path_or_default(args.model_path)
+        model, ckpt = load_checkpoint(model_path)
+    except CheckpointError as err:
+        fail("evaluate_numbers.py", err, 2)
+    classify = make_classifier(model, ckpt["normalization"]["mean"], ckpt["normalization"]["std"])
+    torch.set_grad_enabled(False)
+    if args.time:
+        try:
+            times, reading = time_reads(args.time, classify, args.repeat)
+        except preprocess.ImageError as err:
+            fail("evaluate_numbers.py", f"{args.time}: {first_line(err)}", 1)
+        later = sorted(times[1:]) or times
+        print(f"{args.time}: read {reading.number!r} ({reading.size[0]}x{reading.size[1]} pixels); first read "
+              f"{times[0]:.3f} s, then median {later[len(later) // 2]:.3f} s over {len(later)} reads "
+              f"(torch threads: {torch.get_num_threads()})")
+        return 0
+    if not Path(args.folder).is_dir():
+        parser.error(f"{args.folder} is not a folder")
+    started = time.perf_counter()
+    table = score(args.folder, args.recipe, classify, args.digits_known, args.errors)
+    if not table:
+        fail("evaluate_numbers.py", f"no pictures in {args.folder}", 1)
+    if args.json:
+        print(json.dumps({"folder": str(args.folder), "recipe": args.recipe, "model": str(model_path),
+                          "kinds": table}))
+        return 0
+    print(f"{args.recipe} recipe, model {model_path}, {args.folder} ({time.perf_counter() - started:.0f} s)")
+    print(f"{'kind':<20} {'n':>5} {'string acc':>11} {'digit acc':>10} {'wrong count':>12}")
+    for kind, r in table.items():
+        print(f"{kind:<20} {r['n']:>5} {r['string_accuracy'] * 100:>10.1f}% {r['digit_accuracy'] * 100:>9.1f}% "
+              f"{r['segmentation_errors']:>12}")
+        for line in r["errors"]:
+            print(f"    {line}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

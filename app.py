@@ -3,7 +3,8 @@
 A small local web app on Python's standard library HTTP server (no framework: three routes and one page do
 not need one, and nothing new to install). The page (static/index.html, plain HTML/CSS/JS, nothing fetched
 from the internet) has a canvas to draw on with mouse or finger, Clear and Undo, an image upload, and shows,
-as you draw, the predicted digit, the ten probabilities and the 28x28 image the model saw.
+as you draw, the predicted digit, the ten probabilities and the 28x28 image the model saw. Its "A number"
+switch widens the canvas for several digits and shows the reading, each digit's probability under it.
 
 API (JSON out; errors are {"error": "one line"} with a 4xx status):
     GET  /          the page
@@ -16,6 +17,10 @@ API (JSON out; errors are {"error": "one line"} with a 4xx status):
                     422 {"error": "no digit found (...)", "no_digit": true}   a readable picture with no ink
                     400 not a picture, empty body; 413 body over 5 MB or a picture over 50 megapixels;
                     411 no Content-Length
+    POST /read_number   the same body: a picture of a number (several digits, one or more lines)
+                    200 {"number": "2026", "confidence": 0.99, "lines": ["2026"],
+                         "digits": [{"digit": "2", "probability": 0.998, "box": [x0, y0, x1, y1]}, ...], "ms": 30.1}
+                    422 {"error": "no digits found", "no_digit": true}; the other errors as for /predict
 
 The model is loaded once, the same way predict.py loads it (checkpoint.load_checkpoint), and every picture
 goes through the same preprocess.image_to_mnist(). Safe by default: it listens on 127.0.0.1 only unless
@@ -39,7 +44,7 @@ from PIL import Image, UnidentifiedImageError
 
 from checkpoint import CheckpointError, load_checkpoint, model_path_or_default
 from common import PROJECT_DIR, OneLineParser
-from preprocess import ImageError, NoDigitError, image_to_mnist, mnist_to_image
+from preprocess import ImageError, NoDigitError, image_to_mnist, mnist_to_image, read_number
 
 PAGE = PROJECT_DIR / "static" / "index.html"
 MAX_BODY = 5 * 1024 * 1024   # bytes: a phone photo fits, a flood does not
@@ -80,8 +85,34 @@ class Predictor:
         return {"status": "ok", "model": self.ckpt["model"], "checkpoint": self.path.name,
                 "test_accuracy": acc if isinstance(acc, float) else None, "device": str(self.device)}
 
+    def classify(self, pixels):
+        """preprocess.read_number's classifier: pixels (N, 28, 28) in [0, 1] -> (N, 10) probabilities."""
+        x = (torch.from_numpy(pixels) - self.mean) / self.std
+        with self.lock, torch.inference_mode():
+            return self.model(x.unsqueeze(1).to(self.device)).float().softmax(1).cpu().numpy()
+
+    def read_number(self, body):
+        """Picture bytes -> the /read_number answer (the same errors as predict)."""
+        reading = read_number(self.open(body), self.classify)
+        return {"number": reading.number, "confidence": round(reading.confidence, 6), "lines": reading.numbers,
+                "digits": [{"digit": d.digit, "probability": round(d.probability, 6), "box": list(d.box)}
+                           for line in reading.lines for d in line]}
+
     def predict(self, body):
         """Picture bytes -> the /predict answer. Raises ImageError (NoDigitError: no ink; TooLarge: too many pixels)."""
+        img = self.open(body)
+        x = image_to_mnist(img, self.mean, self.std)  # decodes it (big JPEGs at a reduced scale, as for files)
+        with self.lock, torch.inference_mode():
+            probs = self.model(x.unsqueeze(0).to(self.device)).float().softmax(1)[0].cpu().tolist()
+        best = max(range(10), key=lambda d: probs[d])
+        png = io.BytesIO()
+        mnist_to_image(x, self.mean, self.std).save(png, "PNG")
+        return {"prediction": best, "confidence": round(probs[best], 6),
+                "probabilities": [round(p, 6) for p in probs],
+                "preprocessed": "data:image/png;base64," + base64.b64encode(png.getvalue()).decode("ascii")}
+
+    def open(self, body):
+        """Picture bytes -> an opened (not yet decoded) PIL image, refused early when it has too many pixels."""
         try:
             img = Image.open(io.BytesIO(body))
         except UnidentifiedImageError:
@@ -93,15 +124,7 @@ class Predictor:
         if img.width * img.height > MAX_PIXELS:
             raise TooLarge(f"picture of {img.width}x{img.height} pixels: at most {MAX_PIXELS // 1_000_000} "
                            f"megapixels")
-        x = image_to_mnist(img, self.mean, self.std)  # decodes it (big JPEGs at a reduced scale, as for files)
-        with self.lock, torch.inference_mode():
-            probs = self.model(x.unsqueeze(0).to(self.device)).float().softmax(1)[0].cpu().tolist()
-        best = max(range(10), key=lambda d: probs[d])
-        png = io.BytesIO()
-        mnist_to_image(x, self.mean, self.std).save(png, "PNG")
-        return {"prediction": best, "confidence": round(probs[best], 6),
-                "probabilities": [round(p, 6) for p in probs],
-                "preprocessed": "data:image/png;base64," + base64.b64encode(png.getvalue()).decode("ascii")}
+        return img
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -157,7 +180,7 @@ class Handler(BaseHTTPRequestHandler):
                 "img-src 'self' data: blob:; connect-src 'self'; form-action 'none'; base-uri 'none'")])
         elif path == "/health":
             self.send_json(200, self.predictor.info())
-        elif path == "/predict":
+        elif path in ("/predict", "/read_number"):
             self.send_error_json(405, "use POST with the picture's bytes as the body", extra=[("Allow", "POST")])
         else:
             self.send_error_json(404, f"no page {path!r}: try / or /health")
@@ -169,14 +192,15 @@ class Handler(BaseHTTPRequestHandler):
         if body is None:
             return
         path = self.path.split("?", 1)[0]
-        if path != "/predict":
-            self.send_error_json(405 if path in ("/", "/index.html", "/health") else 404, "POST pictures to /predict")
+        if path not in ("/predict", "/read_number"):
+            self.send_error_json(405 if path in ("/", "/index.html", "/health") else 404,
+                                 "POST pictures to /predict or /read_number")
             return
         started = time.perf_counter()
         try:
-            answer = self.predictor.predict(body)
+            answer = (self.predictor.predict if path == "/predict" else self.predictor.read_number)(body)
         except NoDigitError as err:
-            self.send_error_json(422, str(err), no_digit=True)
+            self.send_error_json(422, "no digits found" if path == "/read_number" else str(err), no_digit=True)
         except TooLarge as err:
             self.send_error_json(413, str(err))
         except ImageError as err:

@@ -19,6 +19,11 @@ per kind with a checkpoint, against a naive resize-to-28x28:
 
     python tests/make_user_images.py --per_kind 500 --model_path pretrained/best_model_simple_pt.pth
 
+Numbers (several digits in one picture, NUMBER_KINDS below) for evaluate_numbers.py:
+
+    python tests/make_user_images.py --numbers results/numbers_test --per_kind 200            # MNIST test digits
+    python tests/make_user_images.py --numbers results/numbers_dev --per_kind 40 --split train --seed 101
+
 It also made the example pictures that ship in examples/ (EXAMPLES below: one picture per kind a newcomer is
 likely to have, each from a fixed MNIST test digit, shrunk to a few KB), and makes them again with
 
@@ -426,12 +431,33 @@ def main(argv=None):
                    help="also score scikit-learn's 1,797 UCI digits by 43 other writers (8x8, upscaled)")
     p.add_argument("--model_path", default=str(root / "pretrained" / "best_model_simple_pt.pth"),
                    help="checkpoint to score (default: the shipped pretrained model)")
+    p.add_argument("--numbers", metavar="DIR", default=None,
+                   help="instead: write --per_kind pictures of numbers of each kind in NUMBER_KINDS into DIR/<kind>/ "
+                        "(score them with evaluate_numbers.py); --split train makes the development set")
+    p.add_argument("--split", choices=("test", "train"), default="test",
+                   help="with --numbers: the MNIST digits to build numbers from")
+    p.add_argument("--photo", metavar="FILE.jpg", default=None,
+                   help="instead: write a 12-megapixel photo of an 8-digit number (for evaluate_numbers.py --time)")
     p.add_argument("--examples", metavar="DIR", default=None,
                    help="instead: write the example pictures of EXAMPLES into DIR (the shipped ones: examples) "
                         "and score them with --model_path")
     args = p.parse_args(argv)
     import tempfile
     import data_loader
+    if args.numbers or args.photo:
+        x, y = data_loader.load_mnist()[args.split]
+        if args.photo:
+            rng = np.random.default_rng(args.seed)
+            idx = rng.integers(0, len(x), 8)
+            number = "".join(str(int(y[i])) for i in idx)
+            path = Path(args.photo)
+            path = path.with_name(f"{path.stem}_{number}{path.suffix}")
+            number_photo([x[i].numpy() for i in idx], rng).save(path, quality=90)
+            print(f"wrote {path}")
+            return 0
+        made = make_number_set(args.numbers, x.numpy(), y.numpy(), NUMBER_KINDS, args.per_kind, args.seed)
+        print(f"wrote {len(made)} pictures of numbers into {args.numbers}")
+        return 0
     test_x, test_y = data_loader.load_mnist()["test"]
     if args.examples:
         made = make_examples(args.examples, test_x.numpy(), test_y.numpy())

@@ -365,12 +365,14 @@ def strokes(digit):
     return paths
 
 
-def draw(page, digit):
-    """Draw an MNIST digit on the page's canvas with the mouse, the 28x28 grid stretched over the square."""
+def draw(page, digit, place=0):
+    """Draw an MNIST digit on the page's canvas with the mouse, the 28x28 grid stretched over the square (in
+    number mode, over the place-th square of the wide canvas, counted from the left)."""
     box = page.locator("#canvas").bounding_box()
+    side = box["height"]
     for path in strokes(digit):
         path = path[:-1:2] + path[-1:]  # every other pixel: the brush bridges them, and each move costs a round trip
-        xy = [(box["x"] + (c + 0.5) * box["width"] / 28, box["y"] + (r + 0.5) * box["height"] / 28) for r, c in path]
+        xy = [(box["x"] + (place + (c + 0.5) / 28) * side, box["y"] + (r + 0.5) * side / 28) for r, c in path]
         page.mouse.move(*xy[0])
         page.mouse.down()
         for point in xy[1:]:
@@ -440,3 +442,35 @@ def test_drawing_in_the_browser(server, digits):
         finally:
             browser.close()
     assert shot is not None and shot.stat().st_size > 10_000
+
+
+def test_reading_a_number_in_the_browser(server, digits):
+    """The number mode: a four-digit number written with the mouse is read, each digit's probability under it."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing: `apt-get install chromium` to run the browser test")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="`pip install playwright` to run the browser test")
+    number = "2026"
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 900, "height": 620})
+            errors = []
+            page.on("pageerror", lambda err: errors.append(str(err)))
+            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+            page.goto(server + "/")
+            page.locator("#model").filter(has_text="model:").wait_for(timeout=15_000)
+            page.check("#mode")
+            box = page.locator("#canvas").bounding_box()
+            assert box["width"] > 3.5 * box["height"]  # the wide canvas
+            for place, label in enumerate(number):
+                draw(page, dict(digits)[int(label)], place)
+                shown, _ = answer_on_page(page)
+                assert shown == number[:place + 1], f"after {place + 1} digits the page shows {shown!r}"
+            under = page.locator("#digits .d").all_inner_texts()
+            assert [t.split()[0] for t in under] == list(number)
+            assert all(t.split()[1].endswith("%") for t in under)
+            page.click("#clear")
+            assert answer_on_page(page) == ("?", "draw something")
+            assert not errors, errors
+        finally:
+            browser.close()

@@ -28,7 +28,7 @@ import torch
 from cnn_pytorch import MODELS
 
 from checkpoint import load_checkpoint
-from common import PROJECT_DIR, OneLineParser, atomic_write
+from common import PROJECT_DIR, OneLineParser, atomic_write, memory_format, synchronize
 
 TRAIN_SCRIPT = PROJECT_DIR / "train_pytorch.py"
 
@@ -99,10 +99,11 @@ def train_once(model, epochs, seed, device, extra, work):
 def inference_speed(checkpoint, device, repeats=200):
     """Median latency of one image, and images per second in batches of 1,000 (the model alone, no file I/O)."""
     model, _ = load_checkpoint(checkpoint, device)
-    model = model.to(memory_format=torch.channels_last)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    one = torch.randn(1, 1, 28, 28, device=device).contiguous(memory_format=torch.channels_last)
-    batch = torch.randn(1000, 1, 28, 28, device=device).contiguous(memory_format=torch.channels_last)
+    layout = memory_format(device)
+    model = model.to(memory_format=layout)
+    sync = lambda: synchronize(device)  # noqa: E731
+    one = torch.randn(1, 1, 28, 28, device=device).contiguous(memory_format=layout)
+    batch = torch.randn(1000, 1, 28, 28, device=device).contiguous(memory_format=layout)
     for _ in range(10):
         model(one)
     times = []

@@ -76,6 +76,49 @@ def pick_device(name):
     return device
 
 
+def memory_format(device):
+    """The layout of the images and weights a model trains on: channels_last, except on Apple's MPS.
+
+    channels_last is what cuDNN's and oneDNN's fastest convolutions want. On MPS, BatchNorm2d's backward with a
+    channels_last input gives wrong gradients in torch releases before the fix of April 2026 (pytorch/pytorch
+    issue 175189, fixed by PR 181411; MaxPool2d had a similar bug, 175190), so batch-norm models diverge there;
+    the standard layout costs nothing measurable on MPS.
+    """
+    import torch
+    return torch.contiguous_format if torch.device(device).type == "mps" else torch.channels_last
+
+
+def random_state(device):
+    """Every random generator a run on `device` draws from: the CPU's, and the GPU's (CUDA or MPS)."""
+    import torch
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.device(device).type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def set_random_state(state, device):
+    """Put back what random_state() took; a GPU's state is skipped where this machine has no such GPU."""
+    import torch
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "mps" in state and torch.device(device).type == "mps":
+        torch.mps.set_rng_state(state["mps"])
+
+
+def synchronize(device):
+    """Wait for the GPU to finish what it was given (a clock must not stop while kernels still run)."""
+    import torch
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def project_path(path):
     """A relative output path is taken from the project folder, so results land in one place wherever you are."""
     path = Path(path)

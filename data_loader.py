@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import PROJECT_DIR, atomic_write
+from common import PROJECT_DIR, atomic_write, memory_format
 
 DEFAULT_DATA_DIR = PROJECT_DIR / "data"
 
@@ -264,15 +264,16 @@ class DeviceBatches:
             yield gather(self.images, self.labels, order[i * self.batch_size:(i + 1) * self.batch_size], self.augment)
 
 
-def gather(images, labels, idx, augment=None):
+def gather(images, labels, idx, augment=None, layout=torch.contiguous_format):
     """The batch at indices idx of a uint8 split: (normalised float images (B, 1, 28, 28), labels (B,)).
 
-    augment: None or a dict from AUGMENTATIONS (random_affine's arguments).
+    augment: None or a dict from AUGMENTATIONS (random_affine's arguments). layout: the memory format the model
+    takes (common.memory_format).
     """
     x = images.index_select(0, idx).unsqueeze(1).float().div_(255.0)
     if augment:
         x = random_affine(x, **augment)
-    return normalize(x), labels.index_select(0, idx)
+    return normalize(x).contiguous(memory_format=layout), labels.index_select(0, idx)
 
 
 class TrainBatches:
@@ -286,7 +287,8 @@ class TrainBatches:
     its rank on, so the ranks' batches together are the single-process batch of world_size x batch_size.
     """
 
-    def __init__(self, images, labels, batch_size, augment=False, generator=None, rank=0, world_size=1):
+    def __init__(self, images, labels, batch_size, augment=False, generator=None, rank=0, world_size=1,
+                 memory_format=torch.contiguous_format):
         per_rank = len(images) // world_size
         if per_rank < 1:
             raise ValueError(f"{len(images)} training images cannot be shared by {world_size} processes")
@@ -294,6 +296,7 @@ class TrainBatches:
         self.batch_size = min(batch_size, per_rank)  # a training set smaller than one batch is one batch
         self.steps = per_rank // self.batch_size
         self.generator, self.rank, self.world_size = generator, rank, world_size
+        self.layout = memory_format
         # Before the first new_epoch() (the warm-up runs then) the order is simply the first images.
         self.order = torch.arange(self.steps * self.batch_size, device=images.device).view(self.steps, -1)
 
@@ -305,8 +308,10 @@ class TrainBatches:
         self.order.copy_(order[:self.order.numel()].view_as(self.order))
 
     def batch(self, i):
-        """Batch i of this epoch; i is a 0-dim integer tensor on the device."""
-        return gather(self.images, self.labels, self.order.index_select(0, i.view(1)).view(-1), self.augment)
+        """Batch i of this epoch: i is a Python int (the plain loop) or a 0-dim integer tensor on the device (a
+        step that must not read its position back to the host: fast_step)."""
+        idx = self.order[i] if isinstance(i, int) else self.order.index_select(0, i.view(1)).view(-1)
+        return gather(self.images, self.labels, idx, self.augment, self.layout)
 
 
 @torch.no_grad()
@@ -318,10 +323,11 @@ def predict_probs(model, images, ctx=None, batch_size=1000, max_batches=None):
     """
     model.eval()
     ctx = ctx if ctx is not None else nullcontext()
+    layout = memory_format(images.device)
     out = []
     for i, (x, _) in enumerate(DeviceBatches(images, images.new_zeros(len(images)), batch_size)):
         if max_batches is not None and i >= max_batches:
             break
         with ctx:
-            out.append(model(x.contiguous(memory_format=torch.channels_last)).float().softmax(1))
+            out.append(model(x.contiguous(memory_format=layout)).float().softmax(1))
     return torch.cat(out)

@@ -16,7 +16,7 @@ import metrics
 import visualization
 from cnn_pytorch import count_parameters
 from checkpoint import CheckpointError, load_checkpoint
-from common import PROJECT_DIR, OneLineParser, pick_device, writable_dir
+from common import PROJECT_DIR, OneLineParser, memory_format, pick_device, writable_dir
 from data_loader import predict_probs
 
 PROG = "evaluate.py"
@@ -68,7 +68,7 @@ def autocast_for(ckpt, device):
 def load(path, device):
     """Rebuild one checkpoint's model on the device: (model, checkpoint dict). Raises CheckpointError."""
     model, ckpt = load_checkpoint(path, device)
-    return model.to(memory_format=torch.channels_last), ckpt  # as in training: same kernels, same numbers
+    return model.to(memory_format=memory_format(device)), ckpt  # as in training: same kernels, same numbers
 
 
 def checkpoint_info(path, ckpt, params, device):

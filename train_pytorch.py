@@ -1,11 +1,17 @@
 """Train a CNN on MNIST: python train_pytorch.py --model simple
 
-The whole dataset lives on the training device as uint8; batches are normalised and augmented there. The best
-epoch on a validation split (never the test set) is kept as results/best_model_<model>_pt.pth; everything
-needed to resume goes to results/last_<model>_pt.pth; the test set is scored once, at the end.
+Read it top to bottom, as a story:
+  1. the settings: presets and flags;
+  2. the step: train_step() is one optimiser step (forward, loss, backward, update), and the optimiser and
+     learning-rate schedule it uses;
+  3. scoring a split, and the run's state that --resume restores;
+  4. the run: set_up, then the epoch loop (train_epoch), validate_and_keep_best after every epoch, finish.
 
-Read it top to bottom: the settings, then the step (one optimiser step with everything on the device, replayed
-as a CUDA graph on a GPU), then the run in four phases: set_up, train_epoch, validate_and_keep_best, finish.
+The whole dataset lives on the training device as uint8; batches are gathered, augmented and normalised there
+(data_loader.TrainBatches). The best epoch on a validation split (never the test set) is kept as
+results/best_model_<model>_pt.pth; everything needed to resume goes to results/last_<model>_pt.pth; the test set
+is scored once, at the end. Two things sit behind seams of their own: torchrun (distributed.py) and, on one
+CUDA GPU, the same train_step captured and replayed as a CUDA graph (fast_step.py, switched on in set_up).
 """
 import argparse
 import csv
@@ -18,17 +24,27 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from packaging.version import Version
 from tqdm import tqdm
 
 import data_loader
-from cnn_pytorch import MODELS, build_model, count_parameters
+import distributed
+import fast_step
 from checkpoint import CheckpointError, atomic_save, make_checkpoint, read_checkpoint, unwrap
-from common import PROJECT_DIR, OneLineParser, atomic_write
+from cnn_pytorch import MODELS, build_model, count_parameters
+from common import (PROJECT_DIR, OneLineParser, atomic_write, fail as _fail, memory_format, random_state,
+                    set_random_state, synchronize)
 from data_loader import predict_probs
 
+PROG = "train_pytorch.py"
+
+# ------------------------------------------------------------------------------------------------------------
+# 1. The settings
+# ------------------------------------------------------------------------------------------------------------
 
 # Named sets of defaults; flags given on the command line still win over them.
 PRESETS = {
@@ -45,7 +61,6 @@ RUN_SETTINGS = ("model", "epochs", "batch_size", "learning_rate", "max_lr", "opt
                 "dropout", "lr_scaling", "deterministic")
 # torch.compile modes that replay CUDA graphs of their own: the project's whole-step graph stays out of their way.
 COMPILE_GRAPH_MODES = ("reduce-overhead", "max-autotune")
-WARM_UP_STEPS = 3  # cuDNN autotune, lazy initialisation, compilation: all done before the clock starts
 
 
 def parse_args(argv=None):
@@ -106,7 +121,8 @@ def parse_args(argv=None):
     p.add_argument("--cuda_graphs", "--cuda-graphs", default="auto", choices=["auto", "on", "off"],
                    help="capture the whole training step (batch, augmentation, forward, backward, optimiser, "
                         "learning rate) as one CUDA graph and replay it, so the GPU never waits on Python; auto: on "
-                        "for single-process CUDA training; a capture that fails falls back to the eager step")
+                        "for single-process CUDA training; a capture that CUDA refuses stops the run with one line "
+                        "(rerun with --cuda_graphs off)")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms (cuDNN and torch.use_deterministic_algorithms): two GPU runs "
                         "with one seed give the same weights; costs speed on a GPU (no cuDNN autotune), nothing on "
@@ -156,11 +172,14 @@ def check_args(parser, args):
     if args.cuda_graphs == "on":
         if not args.device.startswith("cuda"):
             parser.error("--cuda_graphs on needs a CUDA device: use --device cuda, or --cuda_graphs auto")
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if distributed.under_torchrun():
             parser.error("--cuda_graphs on is for single-process training; under torchrun use auto or off")
         if args.compile and args.compile_mode in COMPILE_GRAPH_MODES:
             parser.error(f"--compile_mode {args.compile_mode} replays CUDA graphs of its own: use --cuda_graphs "
                          f"off (or auto), or --compile_mode default")
+    if args.compile and args.device.startswith("mps") and Version(torch.__version__.split("+")[0]) < Version("2.8"):
+        parser.error(f"--compile on MPS needs torch 2.8 or newer (this is {torch.__version__}): upgrade torch or "
+                     f"drop --compile")
     args.save_dir = str(parser.output_dir(args.save_dir))
     if args.amp is None:
         args.amp = args.device.startswith("cuda")
@@ -181,81 +200,39 @@ DROPOUT_ARGS = {"simple": lambda p: {"dropout": p}, "improved": _dense_dropout_o
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Torchrun: where this process stands
+# 2. The step: one optimiser step on one batch, and what drives it
 # ------------------------------------------------------------------------------------------------------------
 
-class Dist:
-    """Where this process stands in a torchrun launch; a plain run is rank 0 of 1."""
+def train_step(model, optimizer, x, y, ctx, label_smoothing):
+    """One optimiser step on the batch (x, y): forward, loss, backward, update.
 
-    def __init__(self, device, rank=0, world=1, local_rank=0):
-        self.device, self.rank, self.world, self.local_rank = device, rank, world, local_rank
-        self.is_main = rank == 0
-        self.enabled = world > 1
-
-    def sum(self, *values):
-        """Sum numbers or 0-dim tensors over all ranks (one all_reduce); returns floats.
-
-        float32, never float64: Apple's MPS has no float64, and counts up to 2**24 are exact in float32.
-        """
-        t = torch.stack([torch.as_tensor(v, device=self.device).float() for v in values])
-        if self.enabled:
-            torch.distributed.all_reduce(t)
-        return t.tolist()
-
-    def agree(self, flag):
-        """Rank 0 decides, every rank follows (early stopping must stop everyone at the same epoch)."""
-        if not self.enabled:
-            return flag
-        t = torch.tensor([int(flag)], device=self.device)
-        torch.distributed.broadcast(t, src=0)
-        return bool(t.item())
+    Returns the loss and the logits, detached and still on the device: reading them back here (loss.item())
+    would make the GPU wait for Python at every step, so the epoch sums them on the device instead.
+    """
+    with ctx:  # bf16 autocast on CUDA, nothing elsewhere (decided once, in set_up)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), logits.detach()
 
 
-def setup_distributed(args):
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: then join the process group (NCCL on CUDA, Gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = torch.device(args.device)
-    if world <= 1:
-        return Dist(device)
-    from datetime import timedelta
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)  # one process per GPU
-        torch.cuda.set_device(device)
-        args.device = str(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    # A finite timeout: if a rank dies, the others give up with a message instead of waiting forever.
-    torch.distributed.init_process_group(backend, timeout=timedelta(seconds=args.dist_timeout))
-    return Dist(device, rank, world, local_rank)
-
-
-def lr_scale(args, world):
-    return {"none": 1.0, "sqrt": world ** 0.5, "linear": float(world)}[args.lr_scaling]
-
-
-# ------------------------------------------------------------------------------------------------------------
-# The step: one optimiser step on one batch, everything on the device
-# ------------------------------------------------------------------------------------------------------------
-
-def make_optimizer(args, model, lr, capturable=False):
-    """lr is a 0-dim tensor on the training device, shared by every parameter group: the step writes the
-    scheduled rate into it on the device, so a captured graph follows the schedule without the host.
-
-    capturable: the step will be captured in a CUDA graph (PyTorch refuses to capture Adam without it, and warns
-    when a capturable optimiser runs eagerly)."""
-    cuda = lr.device.type == "cuda"
-    if args.optimizer == "adam":  # fused on CUDA (one kernel for all parameters); the plain loop elsewhere
-        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=args.weight_decay,
-                                **({"fused": True, "capturable": capturable} if cuda else {"foreach": False}))
-    if args.optimizer == "sgd":  # SGD keeps no step count on the host: fused SGD is graph-safe as it is
+def make_optimizer(args, model, lr, device_type, capturable=False):
+    """Adam, SGD with Nesterov momentum, or RMSprop. lr is a float, or a 0-dim tensor on the device for
+    fast_step (which writes each step's rate into it on the device); fast_step.optimizer_flags picks PyTorch's
+    implementation for the device (fused kernels on a GPU, the plain loop on the CPU)."""
+    flags = fast_step.optimizer_flags(args.optimizer, device_type, capturable)
+    if args.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=args.weight_decay, **flags)
+    if args.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
-                               weight_decay=args.weight_decay, **({"fused": True} if cuda else {}))
-    return torch.optim.RMSprop(model.parameters(), lr=lr, weight_decay=args.weight_decay,
-                               **({"capturable": capturable, "foreach": True} if cuda else {}))
+                               weight_decay=args.weight_decay, **flags)
+    return torch.optim.RMSprop(model.parameters(), lr=lr, weight_decay=args.weight_decay, **flags)
 
 
 def make_scheduler(args, optimizer, steps_per_epoch, scale=1.0):
-    """PyTorch's schedulers: returns (scheduler or None, whether it steps every batch)."""
+    """PyTorch's schedulers: returns (scheduler or None, whether it steps after every batch)."""
     total = args.epochs * steps_per_epoch
     if args.scheduler == "onecycle":
         base = args.learning_rate * scale
@@ -272,204 +249,17 @@ def make_scheduler(args, optimizer, steps_per_epoch, scale=1.0):
     return None, False
 
 
-class LearningRates:
-    """The learning rate of every step of the run, as one float32 tensor on the device that the step indexes.
-
-    PyTorch's own schedulers compute the values, driving a stand-in optimiser that holds one dummy parameter
-    (they write Python floats into their optimiser, which a CUDA graph could not see). Per-batch schedules
-    (onecycle, cosine) fill the whole table up front; per-epoch ones (step, plateau) fill the next epoch's rows
-    when an epoch ends, since plateau needs that epoch's validation loss.
-    """
-
-    def __init__(self, args, steps_per_epoch, scale, device):
-        self.steps_per_epoch, self.plateau = steps_per_epoch, args.scheduler == "plateau"
-        self._stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.learning_rate * scale)
-        self.scheduler, self.per_batch = make_scheduler(args, self._stand_in, steps_per_epoch, scale)
-        total = args.epochs * steps_per_epoch
-        self.table = torch.tensor(self._per_batch_values(total) if self.per_batch else [self.current()] * total,
-                                  dtype=torch.float32, device=device)
-
-    def current(self):
-        return self._stand_in.param_groups[0]["lr"]
-
-    def _step(self, *metric):
-        with warnings.catch_warnings():  # the stand-in never steps: PyTorch's "step order" warning is moot here
-            warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*optimizer.step", category=UserWarning)
-            self.scheduler.step(*metric)
-
-    def _per_batch_values(self, total):
-        values = []
-        for i in range(total):
-            values.append(self.current())
-            if i + 1 < total:  # OneCycleLR refuses to step past its last step
-                self._step()
-        return values
-
-    def end_epoch(self, epoch, val_loss):
-        """After epoch `epoch` (1-based): the per-epoch schedules set the rate of the epochs that follow."""
-        if self.scheduler is None or self.per_batch:
-            return
-        self._step(val_loss) if self.plateau else self._step()
-        self.table[epoch * self.steps_per_epoch:].fill_(self.current())
-
-    def used_in(self, epoch):
-        """The rate of the last step of epoch `epoch` (for the history)."""
-        return self.table[epoch * self.steps_per_epoch - 1].item()
-
-    def state_dict(self):
-        return {"table": self.table.cpu(),
-                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None}
-
-    def load_state_dict(self, state, start_epoch):
-        if self.scheduler is not None and state.get("scheduler") is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        if "table" in state and state["table"].shape == self.table.shape:
-            self.table.copy_(state["table"])
-        elif not self.per_batch and self.scheduler is not None and state.get("scheduler") is not None:
-            # A state from before the table existed: the scheduler's last rate holds from here on.
-            self.table[start_epoch * self.steps_per_epoch:].fill_(float(state["scheduler"]["_last_lr"][0]))
-
-
-class TrainStep:
-    """One optimiser step, with every part of it on the device and nothing read back to the host.
-
-    The batch is gathered from the epoch's device-side order by a step counter that lives on the device; the
-    learning rate is copied from the LearningRates table by the same counter; the running loss and accuracy are
-    summed on the device. So the same code runs eagerly (CPU, MPS, torchrun) and, captured once, as a CUDA graph
-    whose replays advance on their own. In a captured step, zero_grad(set_to_none=True) makes backward write
-    fresh gradients into memory the graph owns, which is what every replay then reuses.
-    """
-
-    def __init__(self, model, batches, optimizer, lrs, ctx, label_smoothing=0.0, mark_cudagraph_step=False):
-        device = batches.images.device
-        self.model, self.batches, self.optimizer, self.lrs, self.ctx = model, batches, optimizer, lrs, ctx
-        self.label_smoothing, self.mark_cudagraph_step = label_smoothing, mark_cudagraph_step
-        self.lr = optimizer.param_groups[0]["lr"]
-        self.counter = torch.zeros((), dtype=torch.long, device=device)  # steps taken since the run began
-        self.loss_sum = torch.zeros((), device=device)
-        self.correct = torch.zeros((), dtype=torch.long, device=device)
-
-    def __call__(self):
-        if self.mark_cudagraph_step:  # torch.compile's own CUDA graphs: a new step, old outputs may be reused
-            torch.compiler.cudagraph_mark_step_begin()
-        x, y = self.batches.batch(self.counter % len(self.batches))
-        self.lr.copy_(self.lrs.table.index_select(0, self.counter.view(1)).view(()))
-        with self.ctx:
-            logits = self.model(x.contiguous(memory_format=torch.channels_last))
-            loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.loss_sum += loss.detach().float() * len(y)
-        self.correct += (logits.argmax(1) == y).sum()
-        self.counter += 1
-
-    def start_epoch(self, epoch):
-        """Before epoch `epoch` (1-based): the counter points at its first step, the sums start from zero."""
-        self.counter.fill_((epoch - 1) * len(self.batches))
-        self.loss_sum.zero_()
-        self.correct.zero_()
-
-
-def _snapshot(model, optimizer, step):
-    """Copies of everything a few training steps change, so that warm_up can put all of it back."""
-    device = step.counter.device
-    return {"model": {k: v.clone() for k, v in model.state_dict().items()},
-            "optimizer": {p: {k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
-                          for p, s in optimizer.state.items()},
-            "counter": step.counter.clone(),
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def _restore(saved, model, optimizer, step):
-    """In place, never by replacing tensors: a captured graph keeps pointing at the same memory."""
-    device = step.counter.device
-    with torch.no_grad():
-        for k, v in model.state_dict().items():
-            v.copy_(saved["model"][k])
-        for p, state in optimizer.state.items():
-            before = saved["optimizer"].get(p)
-            for k, v in state.items():
-                if torch.is_tensor(v):  # a state made by the warm-up itself starts from zero, as a fresh one does
-                    v.copy_(before[k]) if before is not None else v.zero_()
-    step.counter.copy_(saved["counter"])
-    step.loss_sum.zero_()
-    step.correct.zero_()
-    torch.set_rng_state(saved["rng"])
-    if saved["cuda_rng"] is not None:
-        torch.cuda.set_rng_state(saved["cuda_rng"], device)
-
-
-def warm_up(step, model, optimizer, capture=False, steps=WARM_UP_STEPS, say=print):
-    """A few real steps before the clock starts, then everything put back; returns (CUDA graph or None, seconds).
-
-    The steps pay for what would otherwise land in the first timed epoch: cuDNN autotuning, lazy CUDA
-    initialisation, torch.compile. With capture=True (CUDA only), one step is then captured as a CUDA graph. Then
-    the weights, batch-norm statistics, optimiser state, step counter and random state are put back in place,
-    so the run that follows is the run it would have been without the warm-up. A capture that fails is one line
-    and the eager step, never a crash.
-    """
-    device = step.counter.device
-    saved = _snapshot(model, optimizer, step)
-    t = time.perf_counter()
-    graph = None
-    if device.type == "cuda":
-        side = torch.cuda.Stream(device)  # warm-up off the default stream, as graph capture wants it
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(steps):
-                step()
-        torch.cuda.current_stream(device).wait_stream(side)
-        if capture:
-            try:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    step()
-            except Exception as err:  # an op that cannot be captured: train eagerly instead
-                graph = None
-                say(f"CUDA graph capture failed, training with the eager step instead "
-                    f"({' '.join(str(err).split())[:160]})")
-        torch.cuda.synchronize(device)
-    else:
-        for _ in range(steps):
-            step()
-    seconds = time.perf_counter() - t
-    _restore(saved, model, optimizer, step)
-    if graph is None:
-        optimizer.zero_grad(set_to_none=True)
-    return graph, seconds
-
-
 # ------------------------------------------------------------------------------------------------------------
-# Scoring a split (outside the training clock, in large batches)
+# 3. Scoring a split (outside the training clock, in large batches), and the run's state
 # ------------------------------------------------------------------------------------------------------------
 
 def eval_batch_size(device):
     return 5000 if device.type == "cuda" else 1000
 
 
-def gather_probs(model, images, ctx, dist):
-    """predict_probs over all ranks: each scores every world-th image, then all gather the whole (N, 10)."""
-    batch = eval_batch_size(images.device)
-    if not dist.enabled:
-        return predict_probs(unwrap(model), images, ctx, batch_size=batch)
-    n, world = len(images), dist.world
-    per_rank = -(-n // world)
-    mine = predict_probs(unwrap(model), images[dist.rank::world], ctx, batch_size=batch)
-    padded = torch.zeros(per_rank, mine.shape[1], device=mine.device)
-    padded[:len(mine)] = mine
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    torch.distributed.all_gather(parts, padded)
-    probs = torch.empty(n, mine.shape[1], device=mine.device)
-    for r, part in enumerate(parts):
-        probs[r::world] = part[:len(range(r, n, world))]
-    return probs
-
-
 def evaluate(model, images, labels, ctx, dist=None, max_batches=None):
     """(mean cross-entropy, accuracy) of the model on one split, summed over ranks when distributed."""
-    dist = dist or Dist(images.device)
+    dist = dist or distributed.Dist(images.device)
     rank, world = dist.rank, dist.world
     probs = predict_probs(unwrap(model), images[rank::world], ctx, batch_size=eval_batch_size(images.device),
                           max_batches=max_batches)
@@ -479,10 +269,6 @@ def evaluate(model, images, labels, ctx, dist=None, max_batches=None):
     nll, correct, count = dist.sum(nll, correct, len(labels))
     return nll / count, correct / count
 
-
-# ------------------------------------------------------------------------------------------------------------
-# The run's state: what carries from one epoch to the next, saved and restored as a whole
-# ------------------------------------------------------------------------------------------------------------
 
 @dataclass
 class RunState:
@@ -501,20 +287,6 @@ class RunState:
         return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
 
 
-def rng_state(shuffle_gen):
-    state = {"torch": torch.get_rng_state(), "shuffle": shuffle_gen.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state, shuffle_gen):
-    torch.set_rng_state(state["torch"])
-    shuffle_gen.set_state(state["shuffle"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def load_resume_state(path):
     """The last_<model>_pt.pth of an earlier run, checked like any model file before anything is built."""
     if not path.is_file():
@@ -525,6 +297,40 @@ def load_resume_state(path):
     return state
 
 
+# How this run's optimiser was built for its device (fused kernels, capturable for a CUDA graph, ...): a state
+# saved on another device or path must not bring its own, or a resumed GPU run would lose its graph.
+IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def load_optimizer_state(optimizer, saved):
+    """optimizer.load_state_dict(saved), but each group keeps this run's learning rate and implementation
+    flags: PyTorch's load replaces the groups with the saved ones, and places Adam's step counts by the
+    flags it finds, so the saved groups are given this run's flags first."""
+    saved = {**saved, "param_groups": [{**g, **{k: mine[k] for k in IMPLEMENTATION_FLAGS if k in mine}}
+                                       for g, mine in zip(saved["param_groups"], optimizer.param_groups)]}
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+
+
+def resume_schedule(scheduler, per_batch, saved, steps_done, optimizer):
+    """Bring a fresh scheduler to where the interrupted run's was. A per-batch schedule is a function of the
+    step alone: it is stepped forward. A per-epoch one (step, plateau) depends on validation losses: its saved
+    state is loaded, and the rate it had reached put back into the optimiser."""
+    if scheduler is None:
+        return
+    if per_batch:
+        with warnings.catch_warnings():  # no optimiser step in between: PyTorch's "step order" warning is moot
+            warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*optimizer.step", category=UserWarning)
+            for _ in range(steps_done):
+                scheduler.step()
+    elif saved:
+        scheduler.load_state_dict(saved)
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr
+
+
 def write_history_csv(history, path):
     with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(history[0]))
@@ -533,8 +339,7 @@ def write_history_csv(history, path):
 
 
 def fail(message, code=1):
-    print(f"train_pytorch.py: error: {message}", file=sys.stderr)
-    sys.exit(code)
+    _fail(PROG, message, code)
 
 
 def device_label(device):
@@ -544,20 +349,41 @@ def device_label(device):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# The run, in four phases: set_up, train_epoch, validate_and_keep_best, finish
+# 4. The run: set_up, the epoch loop (train_epoch), validate_and_keep_best, finish
 # ------------------------------------------------------------------------------------------------------------
 
+@dataclass
 class Run:
-    """What set_up builds and the other phases use: the settings, the data, the model and its step."""
+    """What set_up builds and the other phases use."""
+    args: argparse.Namespace
+    dist: distributed.Dist
+    say: Any
+    save_dir: Path
+    best_path: Path
+    last_path: Path
+    device: torch.device = None
+    ctx: Any = None                 # the precision: bf16 autocast, or nullcontext()
+    shuffle_gen: torch.Generator = None
+    data_seconds: float = 0.0
+    val: tuple = None               # (images, labels) on the device
+    test: tuple = None
+    batches: data_loader.TrainBatches = None
+    model_args: dict = None
+    model: torch.nn.Module = None   # the plain model (its weights are what the checkpoints hold)
+    step_model: torch.nn.Module = None  # what the step calls: the model, compiled and/or in DDP
+    n_params: int = 0
+    optimizer: torch.optim.Optimizer = None
+    scheduler: Any = None           # the plain loop's PyTorch scheduler (None with --scheduler none)
+    per_batch: bool = False         # whether it steps after every batch (onecycle, cosine) or every epoch
+    fast: fast_step.FastStep = None  # the step on the device and its CUDA graph, on one CUDA GPU
+    lr_used: float = 0.0            # the rate of the plain loop's last step (for the history)
+    warmup_seconds: float = 0.0
+    state: RunState = field(default_factory=RunState)
 
 
 def set_up(args, dist, say):
-    run = Run()
-    run.args, run.dist, run.say = args, dist, say
-    save_dir = Path(args.save_dir)
-    run.save_dir = save_dir
-    run.best_path = save_dir / f"best_model_{args.model}_pt.pth"
-    run.last_path = save_dir / f"last_{args.model}_pt.pth"
+    run = Run(args, dist, say, Path(args.save_dir), Path(args.save_dir) / f"best_model_{args.model}_pt.pth",
+              Path(args.save_dir) / f"last_{args.model}_pt.pth")
     resume = None
     if args.resume:
         try:
@@ -578,9 +404,11 @@ def set_up(args, dist, say):
     # The autocast cache is off: it cannot live inside a captured graph, and each weight is cast once anyway.
     run.ctx = (torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False) if args.amp
                else nullcontext())
+    layout = memory_format(device)  # channels_last, but the standard layout on MPS
     torch.manual_seed(args.seed)
     run.shuffle_gen = torch.Generator().manual_seed(args.seed)  # the same on every rank: each takes its own shard
 
+    # The data: all of MNIST on the device as uint8.
     t0 = time.perf_counter()
     try:
         splits = data_loader.get_splits(args.data_dir, args.val_size, args.seed, device, args.train_subset)
@@ -591,62 +419,78 @@ def set_up(args, dist, say):
     try:
         run.batches = data_loader.TrainBatches(
             train_x, train_y, args.batch_size, augment=args.augment and ("strong" if args.strong_augment else "standard"),
-            generator=run.shuffle_gen, rank=dist.rank, world_size=dist.world)
+            generator=run.shuffle_gen, rank=dist.rank, world_size=dist.world, memory_format=layout)
     except ValueError as err:
         fail(str(err), 2)
 
+    # The model.
     run.model_args = model_args_for(args)
-    model = run.model = build_model(args.model, **run.model_args).to(device).to(memory_format=torch.channels_last)
+    model = run.model = build_model(args.model, **run.model_args).to(device).to(memory_format=layout)
     run.n_params = count_parameters(model)
     say(f"{args.model} CNN: {run.n_params:,} parameters | device {device_label(device)}"
         f"{f' x {dist.world} processes' if dist.enabled else ''} | amp {'bf16' if args.amp else 'off'} | "
         f"train {len(train_x):,} val {len(run.val[0]):,} test {len(run.test[0]):,} | data ready in "
         f"{run.data_seconds:.1f}s")
-    step_model = model
+    step_model = distributed.wrap(model, dist)
+    scale = distributed.lr_scale(args.lr_scaling, dist.world)
     if dist.enabled:
-        step_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
         torch.manual_seed(args.seed + 1 + dist.rank)  # a different augmentation on every rank
-    scale = lr_scale(args, dist.world)
-    if dist.enabled:
-        say(f"distributed: {dist.world} processes x --batch_size {run.batches.batch_size} = "
+        say(f"distributed: {dist.world} process{'es' if dist.world > 1 else ''} ({dist.backend}, "
+            f"DistributedDataParallel) x --batch_size {run.batches.batch_size} = "
             f"{dist.world * run.batches.batch_size} images per step; learning rates x {scale:.2f} "
             f"(--lr_scaling {args.lr_scaling})")
+
+    # The step's machinery. The plain loop (CPU, MPS, torchrun, --cuda_graphs off) steps PyTorch's scheduler
+    # after each batch. On one CUDA GPU fast_step runs the same train_step with the rate in a device table.
     compile_graphs = args.compile and args.compile_mode in COMPILE_GRAPH_MODES
-    # Whole-step CUDA graphs: single-process CUDA, unless torch.compile replays graphs of its own.
-    run.capture = (args.cuda_graphs != "off" and device.type == "cuda" and not dist.enabled
-                   and not compile_graphs and not args.dry_run)
-    if run.capture:  # the warm-up steps (and a failed capture's fallback) run it eagerly, on purpose
-        warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
-    run.lrs = LearningRates(args, len(run.batches), scale, device)
-    run.optimizer = make_optimizer(args, step_model, run.lrs.table[0].clone(),
-                                   capturable=run.capture)
+    capture = (args.cuda_graphs != "off" and device.type == "cuda" and not dist.enabled and not compile_graphs
+               and not args.dry_run)
+    use_fast = capture or (compile_graphs and device.type == "cuda" and not dist.enabled)
+    base_lr = args.learning_rate * scale
+    steps_per_epoch, total_steps = len(run.batches), args.epochs * len(run.batches)
+    if use_fast:
+        lrs = fast_step.LearningRates(lambda opt: make_scheduler(args, opt, steps_per_epoch, scale), base_lr,
+                                      total_steps, steps_per_epoch, device)
+        run.optimizer = make_optimizer(args, step_model, lrs.table[0].clone(), device.type, capturable=capture)
+    else:
+        run.optimizer = make_optimizer(args, step_model, base_lr, device.type)
+        run.scheduler, run.per_batch = make_scheduler(args, run.optimizer, steps_per_epoch, scale)
     if args.compile:
         step_model = torch.compile(step_model, mode=None if args.compile_mode == "default" else args.compile_mode)
-    run.step = TrainStep(step_model, run.batches, run.optimizer, run.lrs, run.ctx, args.label_smoothing,
-                         mark_cudagraph_step=compile_graphs)
+    run.step_model = step_model
 
-    run.state = RunState()
     if resume is not None:
         model.load_state_dict(resume["state_dict"])
-        run.optimizer.load_state_dict(resume["optimizer"])
-        for group in run.optimizer.param_groups:  # loading replaced the shared rate tensor with a copy
-            group["lr"] = run.step.lr
-        # A state from before the table existed has only the scheduler's own state, under "scheduler".
-        run.lrs.load_state_dict(resume.get("lr_schedule") or {"scheduler": resume.get("scheduler")},
-                                resume["epoch"])
-        set_rng_state(resume["rng"], run.shuffle_gen)
+        load_optimizer_state(run.optimizer, resume["optimizer"])
+        schedule = (resume.get("lr_schedule") or {"scheduler": resume.get("scheduler")}).get("scheduler")
+        if use_fast:
+            lrs.load_state_dict({"scheduler": schedule}, resume["epoch"])
+        else:
+            resume_schedule(run.scheduler, run.per_batch, schedule, resume["epoch"] * steps_per_epoch, run.optimizer)
+        run.shuffle_gen.set_state(resume["rng"]["shuffle"])
+        set_random_state(resume["rng"], device)
         if dist.enabled:
             torch.manual_seed(args.seed + 1 + dist.rank + 7919 * resume["epoch"])
         run.state = RunState.from_dict(resume)
         say(f"resuming after epoch {run.state.epoch} of {args.epochs} from {run.last_path}")
 
-    run.graph, run.warmup_seconds = None, 0.0
-    if not args.dry_run and (device.type == "cuda" or args.compile):
-        model.train()
-        run.graph, run.warmup_seconds = warm_up(run.step, model, run.optimizer, capture=run.capture, say=say)
+    # Warm-up before the clock: cuDNN autotuning and torch.compile, and on one GPU the capture of the graph.
+    model.train()
+    if use_fast:
+        try:
+            run.fast, run.warmup_seconds = fast_step.enable(
+                train_step, step_model, run.optimizer, run.batches, lrs, run.ctx, args.label_smoothing,
+                capture_graph=capture, mark_cudagraph_step=compile_graphs)
+        except fast_step.CaptureFailed as err:
+            fail(str(err))
+    elif not args.dry_run and (device.type == "cuda" or args.compile):
+        first = run.batches.batch(0)
+        _, run.warmup_seconds = fast_step.warm_up(
+            lambda: train_step(step_model, run.optimizer, *first, run.ctx, args.label_smoothing), model, run.optimizer)
+    if run.warmup_seconds:
         what = ", ".join(w for w in (args.compile and f"compiled ({args.compile_mode})",
-                                     run.graph is not None and "step captured as a CUDA graph") if w) or "warmed up"
+                                     run.fast is not None and run.fast.graph is not None
+                                     and "step captured as a CUDA graph") if w) or "warmed up"
         say(f"{what} in {run.warmup_seconds:.1f}s: not counted as training time")
     return run
 
@@ -656,27 +500,51 @@ def train_epoch(run, epoch, bar=None, max_steps=None):
 
     The clock runs from the first step to the end of the last (synchronised); validation is not in it.
     """
+    args = run.args
     run.model.train()
-    run.batches.new_epoch()
-    run.step.start_epoch(epoch)
+    run.batches.new_epoch()  # a new shuffled order
     steps = len(run.batches) if max_steps is None else min(max_steps, len(run.batches))
-    take_step = run.graph.replay if run.graph is not None else run.step
     synchronize(run.device)
     t = time.perf_counter()
-    for _ in range(steps):
-        take_step()
-        if bar is not None:
-            bar.update(1)
+    if run.fast is not None:  # one CUDA GPU: the same step, replayed from its graph (fast_step.py)
+        loss_sum, correct = run.fast.run_epoch(epoch, steps, bar)
+    else:  # the plain loop
+        loss_sum = torch.zeros((), device=run.device)
+        correct = torch.zeros((), dtype=torch.long, device=run.device)
+        for i in range(steps):
+            x, y = run.batches.batch(i)
+            loss, logits = train_step(run.step_model, run.optimizer, x, y, run.ctx, args.label_smoothing)
+            run.lr_used = run.optimizer.param_groups[0]["lr"]
+            if run.per_batch:
+                run.scheduler.step()
+            loss_sum += loss.float() * len(y)  # summed on the device: no loss.item(), no wait for the GPU
+            correct += (logits.argmax(1) == y).sum()
+            if bar is not None:
+                bar.update(1)
     synchronize(run.device)
     seconds = time.perf_counter() - t
-    seen = steps * run.batches.batch_size
-    loss_sum, correct, seen = run.dist.sum(run.step.loss_sum, run.step.correct, seen)
+    loss_sum, correct, seen = run.dist.sum(loss_sum, correct, steps * run.batches.batch_size)
     return loss_sum / seen, correct / seen, seconds
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def end_epoch_schedule(run, epoch, val_loss):
+    """The rate the epoch's last step used (for the history), and the per-epoch schedules' step."""
+    if run.fast is not None:
+        used = run.fast.lrs.used_in(epoch)
+        run.fast.lrs.end_epoch(epoch, val_loss)
+        return used
+    used = float(run.lr_used)
+    if run.scheduler is not None and not run.per_batch:
+        run.scheduler.step(val_loss) if isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) \
+            else run.scheduler.step()
+    return used
+
+
+def schedule_state(run):
+    """What --resume needs of the schedule: the per-epoch scheduler's state (a per-batch one is rebuilt)."""
+    if run.fast is not None:
+        return run.fast.lrs.state_dict()
+    return {"scheduler": run.scheduler.state_dict() if run.scheduler is not None and not run.per_batch else None}
 
 
 def validate_and_keep_best(run, epoch, train_loss, train_acc, seconds):
@@ -685,9 +553,8 @@ def validate_and_keep_best(run, epoch, train_loss, train_acc, seconds):
     args, state = run.args, run.state
     val_loss, val_acc = evaluate(run.model, *run.val, run.ctx, run.dist)
     row = {"epoch": epoch, "train_loss": round(train_loss, 6), "train_acc": round(train_acc, 6),
-           "val_loss": round(val_loss, 6), "val_acc": round(val_acc, 6), "lr": run.lrs.used_in(epoch),
+           "val_loss": round(val_loss, 6), "val_acc": round(val_acc, 6), "lr": end_epoch_schedule(run, epoch, val_loss),
            "seconds": round(seconds, 3)}
-    run.lrs.end_epoch(epoch, val_loss)
     # Ties are common on 5,000 images (one image is 0.02%): then the lower validation loss wins.
     improved = val_acc > state.best_val or (val_acc == state.best_val and val_loss < state.best_val_loss)
     if improved:
@@ -702,7 +569,8 @@ def validate_and_keep_best(run, epoch, train_loss, train_acc, seconds):
         if improved:
             atomic_save(ckpt, run.best_path)
         atomic_save({**ckpt, **asdict(state), "optimizer": run.optimizer.state_dict(),
-                     "lr_schedule": run.lrs.state_dict(), "rng": rng_state(run.shuffle_gen)},
+                     "lr_schedule": schedule_state(run),
+                     "rng": {**random_state(run.device), "shuffle": run.shuffle_gen.get_state()}},
                     run.last_path)
     run.say(f"epoch {epoch:>3}/{args.epochs} | train loss {train_loss:.4f} acc {train_acc * 100:6.2f}% | "
             f"val loss {val_loss:.4f} acc {val_acc * 100:6.2f}%{' *' if improved else '  '} | "
@@ -715,23 +583,20 @@ def finish(run, wall_start):
     args, state, dist = run.args, run.state, run.dist
     if dist.enabled:
         torch.distributed.barrier()  # rank 0 has written the best checkpoint
+    if not args.no_test:
+        best = torch.load(run.best_path, map_location="cpu", weights_only=True)
+        run.model.load_state_dict(best["state_dict"])
+        probs = distributed.gather_probs(run.model, run.test[0], run.ctx, dist, eval_batch_size(run.device))
     if not dist.is_main:
-        if not args.no_test:
-            best = torch.load(run.best_path, map_location="cpu", weights_only=True)
-            run.model.load_state_dict(best["state_dict"])
-            gather_probs(run.model, run.test[0], run.ctx, dist)
         return 0
     write_history_csv(state.history, run.save_dir / f"history_{args.model}.csv")
     if args.no_test:
         print(f"best validation accuracy {state.best_val * 100:.2f}% at epoch {state.best_epoch} | training "
               f"{state.train_seconds:.1f}s | test set not scored (--no_test) | saved {run.best_path}")
         return 0
-    best = torch.load(run.best_path, map_location="cpu", weights_only=True)
-    run.model.load_state_dict(best["state_dict"])
-    test_x, test_y = run.test
-    probs = gather_probs(run.model, test_x, run.ctx, dist)
     import metrics  # imported late: scikit-learn is only needed once training is done
     import visualization
+    test_x, test_y = run.test
     y_true = test_y.cpu().numpy()
     report = metrics.compute_metrics(y_true, probs.cpu().numpy())
     best.update(test_accuracy=report["accuracy"], test_loss=report["loss"], epochs_run=len(state.history),
@@ -742,7 +607,8 @@ def finish(run, wall_start):
             "training_seconds": round(state.train_seconds, 2), "data_seconds": round(run.data_seconds, 2),
             "warmup_seconds": round(run.warmup_seconds, 2),
             "compile_seconds": round(run.warmup_seconds, 2) if args.compile else 0.0,
-            "cuda_graphs": run.graph is not None, "wall_seconds": round(time.perf_counter() - wall_start, 2),
+            "cuda_graphs": run.fast is not None and run.fast.graph is not None,
+            "wall_seconds": round(time.perf_counter() - wall_start, 2),
             "device": device_label(run.device), "processes": dist.world, "amp": "bf16" if args.amp else "off",
             "seed": args.seed, "torch": torch.__version__}
     metrics.write_metrics(report, run.save_dir, args.model, info)
@@ -814,9 +680,10 @@ def main(argv=None, on_epoch=None):
     args = parser.parse_args(argv)
     check_args(parser, args)
     try:
-        dist = setup_distributed(args)
+        dist = distributed.setup_distributed(torch.device(args.device), args.dist_timeout)
     except Exception as err:  # a bad rendezvous address, a port in use, a peer that never came
         fail(f"could not join the torchrun process group ({str(err).splitlines()[0][:160]})", 2)
+    args.device = str(dist.device)
     try:
         return train(args, dist, on_epoch)
     except (RuntimeError, torch.distributed.DistError) as err:
@@ -825,8 +692,7 @@ def main(argv=None, on_epoch=None):
         fail(f"rank {dist.rank}: lost contact with the other training processes: one of them failed or timed out "
              f"(see its output); {str(err).splitlines()[0][:160]}")
     finally:
-        if dist.enabled and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        distributed.close(dist)
 
 
 if __name__ == "__main__":

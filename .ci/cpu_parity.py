@@ -4,8 +4,8 @@ alternated, on the same data, same model, same optimiser and batch size.
     python .ci/cpu_parity.py [--model simple] [--rounds 2]
 
 The plain loop is what a person would write with the data already in memory as normalised float tensors: a
-shuffled index, slice, forward, loss, backward, Adam. The project's epoch is train_pytorch's own (TrainStep over
-TrainBatches: uint8 data gathered, normalised and augmented per batch, the learning-rate table, the running sums).
+shuffled index, slice, forward, loss, backward, Adam. The project's epoch is train_pytorch's own plain loop (train_step over
+TrainBatches: uint8 data gathered, normalised and augmented per batch, the scheduler, the running sums).
 Printed: seconds per epoch of each and their ratio (the goal: at most 1.3).
 """
 import argparse
@@ -21,6 +21,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import data_loader  # noqa: E402
+import distributed  # noqa: E402
 import train_pytorch  # noqa: E402
 from cnn_pytorch import build_model  # noqa: E402
 
@@ -46,7 +47,7 @@ def project_epoch(model_name, batch_size, augment):
                               "--save_dir", tempfile.mkdtemp(prefix="parity-"), "--no_progress", "--epochs", "1",
                               *([] if augment else ["--no_augment"])])
     train_pytorch.check_args(parser, args)
-    run = train_pytorch.set_up(args, train_pytorch.Dist(torch.device("cpu")), lambda *a, **k: None)
+    run = train_pytorch.set_up(args, distributed.Dist(torch.device("cpu")), lambda *a, **k: None)
     return train_pytorch.train_epoch(run, 1)[2]
 
 

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+import distributed  # noqa: E402
 import train_pytorch  # noqa: E402
 
 
@@ -59,11 +60,16 @@ def main():
     args = parser.parse_args(["--model", opts.model, "--device", opts.device, "--batch_size", str(opts.batch_size),
                               "--save_dir", tempfile.mkdtemp(prefix="profile-"), "--no_progress"])
     train_pytorch.check_args(parser, args)
-    run = train_pytorch.set_up(args, train_pytorch.Dist(torch.device(args.device)), print)
+    run = train_pytorch.set_up(args, distributed.Dist(torch.device(args.device)), print)
     run.model.train()
     run.batches.new_epoch()
-    run.step.start_epoch(1)
-    modes = [("eager", run.step)] + ([("cuda graph", run.graph.replay)] if run.graph is not None else [])
+    if run.fast is not None:  # one CUDA GPU: fast_step's step, eagerly and replayed from its graph
+        run.fast.start_epoch(1)
+        modes = [("eager", run.fast)] + ([("cuda graph", run.fast.graph.replay)] if run.fast.graph is not None else [])
+    else:  # the plain loop's step on its first batch
+        first = run.batches.batch(0)
+        modes = [("eager", lambda: train_pytorch.train_step(run.step_model, run.optimizer, *first, run.ctx,
+                                                            args.label_smoothing))]
     for name, take in modes:
         r = measure(take, opts.steps, run.device)
         line = f"profile {opts.model} batch {run.batches.batch_size} {name}: CPU {r['cpu_ms']:.3f} ms/step to issue, " \

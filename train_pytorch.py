@@ -177,12 +177,18 @@ def check_args(parser, args):
         if args.compile and args.compile_mode in COMPILE_GRAPH_MODES:
             parser.error(f"--compile_mode {args.compile_mode} replays CUDA graphs of its own: use --cuda_graphs "
                          f"off (or auto), or --compile_mode default")
-    if args.compile and args.device.startswith("mps") and Version(torch.__version__.split("+")[0]) < Version("2.8"):
-        parser.error(f"--compile on MPS needs torch 2.8 or newer (this is {torch.__version__}): upgrade torch or "
-                     f"drop --compile")
+    if args.compile and compile_problem(torch.device(args.device).type, torch.__version__):
+        parser.error(compile_problem(torch.device(args.device).type, torch.__version__))
     args.save_dir = str(parser.output_dir(args.save_dir))
     if args.amp is None:
         args.amp = args.device.startswith("cuda")
+
+
+def compile_problem(device_type, torch_version):
+    """Why --compile cannot work here, or None: torch.compile has no MPS backend before torch 2.8."""
+    if device_type == "mps" and Version(torch_version.split("+")[0]) < Version("2.8"):
+        return f"--compile on MPS needs torch 2.8 or newer (this is {torch_version}): upgrade torch or drop --compile"
+    return None
 
 
 def model_args_for(args):
@@ -381,6 +387,18 @@ class Run:
     state: RunState = field(default_factory=RunState)
 
 
+def step_path(args, device, dist):
+    """(use fast_step, capture its CUDA graph, torch.compile replays graphs of its own), decided once.
+
+    fast_step on one CUDA GPU, for the whole-step graph (unless torch.compile's reduce-overhead/max-autotune
+    replay graphs of their own, which also want fast_step's device-side step); the plain loop everywhere else.
+    """
+    one_gpu = device.type == "cuda" and not dist.enabled
+    compile_graphs = args.compile and args.compile_mode in COMPILE_GRAPH_MODES
+    capture = one_gpu and args.cuda_graphs != "off" and not compile_graphs and not args.dry_run
+    return capture or (one_gpu and compile_graphs), capture, compile_graphs
+
+
 def set_up(args, dist, say):
     run = Run(args, dist, say, Path(args.save_dir), Path(args.save_dir) / f"best_model_{args.model}_pt.pth",
               Path(args.save_dir) / f"last_{args.model}_pt.pth")
@@ -442,10 +460,7 @@ def set_up(args, dist, say):
 
     # The step's machinery. The plain loop (CPU, MPS, torchrun, --cuda_graphs off) steps PyTorch's scheduler
     # after each batch. On one CUDA GPU fast_step runs the same train_step with the rate in a device table.
-    compile_graphs = args.compile and args.compile_mode in COMPILE_GRAPH_MODES
-    capture = (args.cuda_graphs != "off" and device.type == "cuda" and not dist.enabled and not compile_graphs
-               and not args.dry_run)
-    use_fast = capture or (compile_graphs and device.type == "cuda" and not dist.enabled)
+    use_fast, capture, compile_graphs = step_path(args, device, dist)
     base_lr = args.learning_rate * scale
     steps_per_epoch, total_steps = len(run.batches), args.epochs * len(run.batches)
     if use_fast:

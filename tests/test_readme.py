@@ -1,14 +1,20 @@
-"""The README's commands, run verbatim on a fresh copy of the project, in the order shown: the README cannot
-drift from the code.
+"""The commands of the README and of every page in docs/, run verbatim on a fresh copy of the project, in the
+order shown: the pages cannot drift from the code.
 
-Every ```bash block of the README's "Quick start" and of its "predict.py" section is read, line by line
-(a trailing backslash continues a line), and each command is run by bash in a copy of the project made the way
-a clone would be: the files `git ls-files` names, tracked or untracked-but-not-ignored, so work not committed
-yet is tested too, and nothing a run wrote (results/, the unpacked MNIST) comes along. `python` is the
-interpreter running this test. Two kinds of line are not run, and are named in SKIPPED: `pip install`
-(the packages are those of the environment running this test) and `python -m pytest` (the suite this test is
-part of). Training commands run as written plus TRAIN_SHORTENING, flags appended here; the README itself is
-never edited to make them shorter.
+Every ```bash block of the README's "Quick start" and of every docs/*.md page is read, line by line (a trailing
+backslash continues a line); ```text blocks are for reading only and are not run. Each command is run by bash
+in one copy of the project made the way a clone would be: the files `git ls-files` names, tracked or
+untracked-but-not-ignored, so work not committed yet is tested too, and nothing a run wrote (results/, the
+unpacked MNIST) comes along. The Quick start runs first, then the pages in alphabetical order.
+
+`python` (and `python3`) is the interpreter running this test: a two-line script in a folder put first on PATH
+that execs sys.executable by the path it was started with. A symlink would not do: a venv's python reached
+through a symlink in another folder finds no pyvenv.cfg beside it, and so none of the venv's packages.
+
+Two kinds of line are not run, and are named in SKIPPED: `pip install` (the packages are those of the
+environment running this test) and `python -m pytest` (the suite this test is part of). Commands of the
+scripts in SHORTENING run as written plus that script's flags, appended here (argparse: the last flag wins);
+the pages themselves are never edited to make them shorter.
 """
 import json
 import os
@@ -24,8 +30,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
-SECTIONS = ("Quick start", "predict.py")  # the sections whose ```bash blocks are run, in this order
+PAGES = sorted((ROOT / "docs").glob("*.md"))
 TRAIN_SHORTENING = ["--epochs", "1", "--train_subset", "3000", "--no_progress"]  # argparse: the last flag wins
+SHORTENING = {  # flags appended to a command of each script
+    "train_pytorch.py": TRAIN_SHORTENING,
+    "benchmark.py": ["--epochs", "1", "--extra=--train_subset 3000"],
+    "tune.py": ["--epochs", "1", "--train_subset", "256"],  # not --trials: the grid refuses it
+    "export.py": ["--eval_images", "500", "--calibration_images", "200", "--bench_seconds", "0.2"],
+}
+SHELL_OPERATORS = {"&", "&&", ";", "|", "||"}
+# The command each page is about: at least one of its runnable lines must run it.
+PAGE_COMMAND = {"app.md": "app.py", "benchmark.md": "benchmark.py", "demo.md": "demo.py",
+                "evaluate.md": "evaluate.py", "export.md": "export.py", "gpu.md": ".ci/gpu_check",
+                "numbers.md": "--number", "predict.md": "predict.py", "torchrun.md": "torch.distributed.run",
+                "train.md": "train_pytorch.py", "tune.md": "tune.py"}
 SKIPPED = {
     "pip install": "installs packages; the test uses the environment it runs in",
     "python -m pytest": "the test suite itself, which this test is part of",
@@ -72,8 +90,11 @@ def bash_commands(text):
 
 
 def readme_commands():
-    text = README.read_text()
-    return [(title, command) for title in SECTIONS for command in bash_commands(section(text, title))]
+    return [("Quick start", command) for command in bash_commands(section(README.read_text(), "Quick start"))]
+
+
+def page_commands(page):
+    return [command for command in bash_commands(page.read_text()) if not skip_reason(command)]
 
 
 def skip_reason(command):
@@ -81,10 +102,12 @@ def skip_reason(command):
 
 
 def as_run(command):
-    """The command bash runs: verbatim, or a training command with TRAIN_SHORTENING appended (before any comment)."""
+    """The command bash runs: verbatim, or, for a script in SHORTENING run alone (no `&`, `;` or pipe), with that
+    script's flags appended (before any comment)."""
     argv = shlex.split(command, comments=True)
-    if argv[:2] == ["python", "train_pytorch.py"]:
-        return shlex.join(argv + TRAIN_SHORTENING)
+    script = next((word for word in argv if word.endswith(".py")), None)
+    if script in SHORTENING and not SHELL_OPERATORS & set(argv) and not any(w.endswith(";") for w in argv):
+        return shlex.join(argv + SHORTENING[script])
     return command
 
 
@@ -106,10 +129,18 @@ def project(tmp_path_factory):
     if not (ROOT / ".git").exists():
         pytest.skip("not a git checkout: the copy is made from `git ls-files`")
     dest = fresh_copy(tmp_path_factory.mktemp("fresh_clone"))
-    shim = tmp_path_factory.mktemp("bin")
-    (shim / "python").symlink_to(sys.executable)
+    shim = python_shim(tmp_path_factory.mktemp("bin"), sys.executable)
     env = dict(os.environ, PATH=f"{shim}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONDONTWRITEBYTECODE="1")
     return dest, env
+
+
+def python_shim(folder, executable):
+    """`python` and `python3` in `folder`: scripts that exec `executable` by the path given (not resolved, not a
+    symlink), so a venv's interpreter still finds its pyvenv.cfg and its packages."""
+    for name in ("python", "python3"):
+        (folder / name).write_text(f"#!/bin/sh\nexec {shlex.quote(str(executable))} \"$@\"\n")
+        (folder / name).chmod(0o755)
+    return folder
 
 
 def run(project, command, timeout=300):
@@ -129,11 +160,45 @@ def digits_read(stdout):
 
 def test_the_readme_shows_the_commands_this_test_runs():
     """The extraction finds what a reader sees, so an empty or garbled read cannot pass for a working README."""
-    quick = [shlex.split(c, comments=True) for title, c in readme_commands() if title == "Quick start"]
+    quick = [shlex.split(c, comments=True) for title, c in readme_commands()]
     assert quick[0] == ["pip", "install", "-r", "requirements.txt"] and quick[-1] == ["python", "-m", "pytest"]
     assert [argv[1] for argv in quick[1:-1]] == ["demo.py", "predict.py", "train_pytorch.py", "predict.py"]
     assert quick[2] == ["python", "predict.py", "--image_path", "examples/"]
-    assert all(skip_reason(c) is None for title, c in readme_commands() if title != "Quick start")
+
+
+def test_every_page_has_a_runnable_command_that_runs_its_command():
+    """A page of only ```text blocks would be tested for nothing; every page is also listed here."""
+    assert sorted(PAGE_COMMAND) == [page.name for page in PAGES]
+    for page in PAGES:
+        commands = page_commands(page)
+        assert any(PAGE_COMMAND[page.name] in command for command in commands), (page.name, commands)
+
+
+def test_the_shortening_flags_are_appended_only_to_a_command_run_alone():
+    assert as_run("python export.py  # all formats") == shlex.join(["python", "export.py", *SHORTENING["export.py"]])
+    torchrun = "python -m torch.distributed.run --standalone --nproc_per_node=2 train_pytorch.py --model tiny"
+    assert as_run(torchrun).endswith(shlex.join(TRAIN_SHORTENING))
+    alone = "python app.py --port 8765 & curl -s http://127.0.0.1:8765/health; kill $!"
+    assert as_run(alone) == alone
+
+
+def test_the_commands_python_is_the_interpreter_running_the_tests(project):
+    """`python` and `python3` on the commands' PATH are this interpreter, with its packages (sys.prefix)."""
+    for name in ("python", "python3"):
+        done = run(project, f"{name} -c 'import sys; print(sys.prefix)'")
+        assert done.stdout.strip() == sys.prefix
+
+
+def test_the_shim_keeps_a_venvs_packages(tmp_path):
+    """The case a symlink got wrong: a venv's python started from another folder still is that venv."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    executable = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    (tmp_path / "bin").mkdir()
+    shim = python_shim(tmp_path / "bin", executable)
+    prefix = subprocess.run([str(shim / "python"), "-c", "import sys; print(sys.prefix)"], capture_output=True,
+                            text=True, check=True).stdout.strip()
+    assert Path(prefix).resolve() == venv.resolve()
 
 
 def test_quick_start_runs_verbatim_on_a_fresh_copy(project):
@@ -142,8 +207,6 @@ def test_quick_start_runs_verbatim_on_a_fresh_copy(project):
     dest, _ = project
     trained = dest / "results" / "best_model_simple_pt.pth"
     for title, command in readme_commands():
-        if title != "Quick start":
-            continue
         if skip_reason(command):
             print(f"skipped  {command}  ({skip_reason(command)})")
             continue
@@ -165,18 +228,24 @@ def test_quick_start_runs_verbatim_on_a_fresh_copy(project):
             assert len(digits_read(done.stdout)) >= 1
 
 
-def test_predict_section_runs_verbatim_on_a_fresh_copy(project):
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_every_page_runs_verbatim_on_a_fresh_copy(project, page):
+    """Each runnable line of the page, in order, on the copy the Quick start ran in; a few outputs are checked
+    beyond the exit code."""
     dest, _ = project
-    commands = [command for title, command in readme_commands() if title == "predict.py"]
-    assert commands
-    for command in commands:
+    for command in page_commands(page):
         done = run(project, as_run(command))
-        if "--json" in command:
+        argv = shlex.split(command, comments=True)
+        if page.name == "predict.md" and "--json" in argv:
             rows = [json.loads(line) for line in done.stdout.splitlines()]
             assert rows and all(row["error"] is None for row in rows)
-        else:
+        elif page.name == "predict.md":
             assert digits_read(done.stdout), done.stdout
-        if "--save_preprocessed" in command:
-            folder = shlex.split(command, comments=True)
-            folder = folder[folder.index("--save_preprocessed") + 1]
+        if "--save_preprocessed" in argv:
+            folder = argv[argv.index("--save_preprocessed") + 1]
             assert any((dest / folder).glob("*.png"))
+        if "app.py" in argv:  # this command's server answered (not one left on the port by another run)
+            assert "serving on" in done.stdout and '"prediction": 5' in done.stdout, done.stdout[-2000:]
+        if ".ci/gpu_check" in argv:
+            out = next(word.split("=", 1)[1] for word in argv if word.startswith("OUT="))
+            assert "**machine**: pass" in (dest / out / "summary.md").read_text()

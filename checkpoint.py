@@ -370,9 +370,14 @@ def default_model_path():
 
 
 def model_path_or_default(path=None):
-    """The model file a command should use: the one given, else default_model_path(), which must exist."""
+    """The model file a command uses, the same way for every command that takes one (predict, app, evaluate,
+    export): the one given (as typed from the current folder, else from the project folder), else
+    default_model_path(), which must exist."""
     if path:
-        return Path(path)
+        path = Path(path)
+        if not path.exists() and not path.is_absolute() and (PROJECT_DIR / path).exists():
+            return PROJECT_DIR / path
+        return path
     found = default_model_path()
     if not found.is_file():
         raise CheckpointError(f"no trained model: neither {DEFAULT_MODEL} nor the shipped {PRETRAINED_MODEL} exists; "

@@ -1,4 +1,4 @@
-"""Score saved checkpoints on the MNIST test set: python evaluate.py --model_path results/best_model_simple_pt.pth
+"""Score saved checkpoints on the MNIST test set: python evaluate.py [--model_path results/best_model_simple_pt.pth]
 
 Writes the same report the end of training writes (metrics_<model>.txt and .json, confusion_matrix.png,
 sample_predictions.png, misclassified.png, per_class_metrics.png) without training anything. Several
@@ -15,8 +15,8 @@ import data_loader
 import metrics
 import visualization
 from cnn_pytorch import count_parameters
-from checkpoint import CheckpointError, load_checkpoint
-from common import PROJECT_DIR, OneLineParser, memory_format, pick_device, writable_dir
+from checkpoint import CheckpointError, load_checkpoint, model_path_or_default
+from common import PROJECT_DIR, OneLineParser, memory_format, pick_device, print_error, shown_path, writable_dir
 from data_loader import predict_probs
 
 PROG = "evaluate.py"
@@ -29,23 +29,17 @@ class InputError(Exception):
 def parse_args(argv=None):
     p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0],
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model_path", "--model-path", nargs="+", required=True, default=argparse.SUPPRESS,
+    p.add_argument("--model_path", "--model-path", nargs="+", default=None,
                    help="one or more checkpoints written by train_pytorch.py; several are also scored as an "
-                        "ensemble (relative paths are looked up here, then in the project folder)")
+                        "ensemble (relative paths are looked up here, then in the project folder); default: "
+                        "results/best_model_simple_pt.pth, else the newest results/best_model_*.pth, else the "
+                        "shipped pretrained/best_model_simple_pt.pth")
     p.add_argument("--save_dir", "--save-dir", default="results",
                    help="where the reports go (relative paths are taken from the project folder)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
     p.add_argument("--data_dir", "--data-dir", default=str(PROJECT_DIR / "data"), help="where MNIST lives")
     p.add_argument("--batch_size", "--batch-size", type=int, default=1000, help="test images per forward pass")
     return p
-
-
-def find_checkpoint(path):
-    """As typed (relative to where the user is), else relative to the project folder, like --save_dir."""
-    path = Path(path)
-    if not path.exists() and not path.is_absolute() and (PROJECT_DIR / path).exists():
-        return PROJECT_DIR / path
-    return path
 
 
 def report_names(checkpoints):
@@ -113,7 +107,8 @@ def run(args):
     except ValueError as err:
         raise InputError(str(err)) from None
     # Every checkpoint is loaded before the test set is read: a typo fails in a second, before anything is written.
-    paths = [find_checkpoint(p) for p in args.model_path]
+    typed_paths = args.model_path or [None]  # none given: the model predict.py would use
+    paths = [model_path_or_default(p) for p in typed_paths]
     loaded = [load(path, device) for path in paths]
     try:
         save_dir = writable_dir(args.save_dir)
@@ -124,14 +119,14 @@ def run(args):
 
     rows, all_probs = [], []
     names = report_names([ckpt for _, ckpt in loaded])
-    for typed, path, name, (model, ckpt) in zip(args.model_path, paths, names, loaded):
+    for typed, path, name, (model, ckpt) in zip(typed_paths, paths, names, loaded):
         probs = predict_probs(model, test_x_device, autocast_for(ckpt, device), batch_size=args.batch_size).cpu()
         params = count_parameters(model)
         # Several models: figures go to a folder per model, since their file names are fixed.
         report = write_report(save_dir, save_dir / name if several else save_dir, name,
                               checkpoint_info(path, ckpt, params, device), test_x, test_y, probs)
         check_reproduced(path, ckpt, report["accuracy"])
-        rows.append((name, params, report["accuracy"], typed))
+        rows.append((name, params, report["accuracy"], typed or shown_path(path)))
         all_probs.append(probs)
     if several:
         info = {"model": "ensemble", "parameters": sum(r[1] for r in rows), "device": str(device),
@@ -150,7 +145,7 @@ def main(argv=None):
         return run(args)
     except (InputError, CheckpointError, data_loader.DataError) as err:
         # One line whatever the message holds (PyTorch's load_state_dict errors span several).
-        print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        print_error(PROG, err)
         return 2
 
 

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 import data_loader
-from checkpoint import INPUT_NAME, OUTPUT_NAME, CheckpointError, load_checkpoint, load_onnx_model
-from common import PROJECT_DIR, OneLineParser, atomic_write
+from checkpoint import INPUT_NAME, OUTPUT_NAME, CheckpointError, load_checkpoint, load_onnx_model, model_path_or_default
+from common import PROJECT_DIR, OneLineParser, atomic_write, print_error
 
 
 # What each artifact must meet; the export fails (exit code 1) when one does not.
@@ -58,9 +58,10 @@ class ExportError(Exception):
 def parse_args(argv=None):
     p = OneLineParser(prog="export.py", description=__doc__.splitlines()[0],
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model_path", "--model-path", default="results/best_model_simple_pt.pth",
+    p.add_argument("--model_path", "--model-path", default=None,
                    help="checkpoint written by train_pytorch.py (a relative path is looked up from the current "
-                        "folder, then from the project folder)")
+                        "folder, then from the project folder); default: results/best_model_simple_pt.pth, else "
+                        "the newest results/best_model_*.pth, else the shipped pretrained/best_model_simple_pt.pth")
     p.add_argument("--format", default="all", choices=["all", *FORMATS, *FORMAT_ALIASES],
                    help="what to write: all, pt2 (torch.export program; 'torchscript' is a name for it), onnx, "
                         "int8 (also writes the fp32 .onnx it is quantised from)")
@@ -78,11 +79,6 @@ def parse_args(argv=None):
     return p
 
 
-def resolve_input(path):
-    path = Path(path)
-    return path if path.is_absolute() or path.exists() else PROJECT_DIR / path
-
-
 def check_args(parser, args):
     """Everything that can be wrong with the flags is caught here, before anything is loaded or written."""
     args.formats = list(FORMATS) if args.format == "all" else [FORMAT_ALIASES.get(args.format, args.format)]
@@ -93,7 +89,10 @@ def check_args(parser, args):
     if args.calibration_images < 1 or args.threads < 1 or args.bench_seconds < 0:
         parser.error("--calibration_images and --threads must be at least 1, --bench_seconds at least 0")
     args.output_dir = parser.output_dir(args.output_dir, "--output_dir")
-    args.model_path = resolve_input(args.model_path)
+    try:
+        args.model_path = model_path_or_default(args.model_path)
+    except CheckpointError as err:
+        parser.error(str(err))
 
 
 def require(module, purpose):
@@ -326,7 +325,7 @@ def write_report(path, rows, checks, args, argv, n_images):
 
 
 def fail(message, code=2):
-    print(f"export.py: error: {message}", file=sys.stderr)
+    print_error("export.py", message)
     return code
 
 

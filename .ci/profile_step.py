@@ -66,10 +66,9 @@ def main():
     if run.fast is not None:  # one CUDA GPU: fast_step's step, eagerly and replayed from its graph
         run.fast.start_epoch(1)
         modes = [("eager", run.fast)] + ([("cuda graph", run.fast.graph.replay)] if run.fast.graph is not None else [])
-    else:  # the plain loop's step on its first batch
-        first = run.batches.batch(0)
-        modes = [("eager", lambda: train_pytorch.train_step(run.step_model, run.optimizer, *first, run.ctx,
-                                                            args.label_smoothing))]
+    else:  # the plain loop's step on its first batch (gathered and augmented each time, as in training)
+        modes = [("eager", lambda: train_pytorch.train_step(run.step_model, run.optimizer, *run.batches.batch(0),
+                                                            run.ctx, args.label_smoothing))]
     for name, take in modes:
         r = measure(take, opts.steps, run.device)
         line = f"profile {opts.model} batch {run.batches.batch_size} {name}: CPU {r['cpu_ms']:.3f} ms/step to issue, " \

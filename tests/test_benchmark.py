@@ -22,6 +22,7 @@ def test_time_to_a_mark_is_the_shortest_budget_whose_mean_reaches_it():
     assert first["test_accuracy_std"] == pytest.approx(0.0028284, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_a_small_benchmark_writes_json_and_markdown(tmp_path, capsys):
     code = benchmark.main(["--models", "tiny", "--epochs", "1", "--seeds", "2", "--no_baseline", "--device", DEVICE,
                            "--extra", "--train_subset 6000", "--out", str(tmp_path)])

@@ -27,6 +27,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_a_single_process_run(tmp_path, mnist_splits):
     single = subprocess.run([sys.executable, SCRIPT, *FLAGS, "--batch_size", "128", "--no_test", "--save_dir",
                              str(tmp_path / "single")], capture_output=True, text=True, timeout=300)
@@ -53,6 +54,7 @@ def test_torchrun_two_processes_match_a_single_process_run(tmp_path, mnist_split
     assert (preds == labels).float().mean().item() == pytest.approx(ckpt["test_accuracy"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_a_rank_that_dies_makes_the_other_exit_with_a_message_not_hang(tmp_path):
     port, procs = free_port(), []
     for rank in range(2):

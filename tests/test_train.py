@@ -98,14 +98,15 @@ def without_seconds(rows):
     return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
 
 
+@pytest.mark.slow
 def test_ctrl_c_then_resume_ends_exactly_where_an_uninterrupted_run_ends(tmp_path, monkeypatch, capsys):
     """Same seed, same restored optimiser, schedule, batch-norm and random state: on the CPU the resumed run is
     the uninterrupted run, bit for bit (history rows and final weights)."""
-    flags = ["--train_subset", "3000", "--val_size", "1000", "--epochs", "3", "--device", DEVICE, "--no_progress",
-             "--batch_size", "100", *EXACT_ON_GPU]  # 30 steps an epoch; dropout, augmentation, onecycle in play
+    flags = ["--train_subset", "1500", "--val_size", "1000", "--epochs", "3", "--device", DEVICE, "--no_progress",
+             "--batch_size", "100", *EXACT_ON_GPU]  # 15 steps an epoch; dropout, augmentation, onecycle in play
     assert train_pytorch.main([*flags, "--save_dir", str(tmp_path / "straight")]) == 0
     with monkeypatch.context() as m:
-        interrupt_after(m, 30 + 7)  # 7 steps into epoch 2
+        interrupt_after(m, 15 + 7)  # 7 steps into epoch 2
         assert train_pytorch.main([*flags, "--save_dir", str(tmp_path / "cut")]) == 130
     err = capsys.readouterr().err
     assert "interrupted in epoch 2" in err and "--resume" in err
@@ -154,6 +155,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_pa
     assert last["epoch"] == 1 and all(torch.isfinite(v).all() for v in last["state_dict"].values())
 
 
+@pytest.mark.slow
 def test_one_epoch_on_full_mnist_reaches_98_8_percent(tmp_path):
     """The real thing: the documented command, one epoch on all 55,000 training images."""
     result = run("--model", "simple", "--epochs", "1", "--device", DEVICE, "--no_progress",
@@ -164,6 +166,7 @@ def test_one_epoch_on_full_mnist_reaches_98_8_percent(tmp_path):
     assert ckpt["test_accuracy"] >= 0.988
 
 
+@pytest.mark.slow
 def test_fast_preset_trains_the_tiny_model_to_99_percent_in_one_epoch(tmp_path):
     """--preset fast: the record-speed recipe, on the full training set (its speed is benchmark.py's business)."""
     result = run("--preset", "fast", "--device", DEVICE, "--no_progress", "--save_dir", str(tmp_path))
@@ -173,6 +176,7 @@ def test_fast_preset_trains_the_tiny_model_to_99_percent_in_one_epoch(tmp_path):
     assert ckpt["test_accuracy"] >= 0.99
 
 
+@pytest.mark.slow
 def test_accurate_preset_trains_improved_with_strong_augmentation_and_label_smoothing(tmp_path):
     """--preset accurate on a slice of MNIST: the recipe lands in the checkpoint, and it learns."""
     result = run("--preset", "accurate", "--epochs", "2", "--train_subset", "4000", "--device", DEVICE,
@@ -392,6 +396,7 @@ def test_train_batches_of_two_ranks_together_are_the_single_process_batch():
     assert len(set(order)) == 1000  # every image once per epoch
 
 
+@pytest.mark.slow
 def test_compile_is_timed_apart_and_trains_like_the_eager_model(tmp_path, capsys):
     """--compile compiles in the warm-up, before the clock starts, and reports that time on its own."""
     flags = ["--preset", "fast", "--train_subset", "2000", "--device", DEVICE, "--no_progress"]

@@ -188,7 +188,12 @@ def satisfies(version, spec):
 
 
 def import_name(dist):
-    return IMPORT_NAMES.get(dist.lower(), dist.lower().replace("-", "_"))
+    """The module a distribution is imported as: its own name (torch), a known other name (pillow -> PIL), else
+    the one module the installed package's records give (pytest-xdist -> xdist)."""
+    usual = IMPORT_NAMES.get(dist.lower(), dist.lower().replace("-", "_"))
+    modules = [m for m, dists in importlib.metadata.packages_distributions().items()
+               if dist.lower() in (d.lower() for d in dists) and not m.startswith("_")]
+    return usual if usual in modules or len(modules) != 1 else modules[0]
 
 
 def check_python():

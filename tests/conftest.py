@@ -13,6 +13,15 @@ DEVICE = os.environ.get("MNIST_TEST_DEVICE", "cpu")
 # cuBLAS reads this when it starts: without it, tests that ask for deterministic algorithms fail on a GPU.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
+# Under pytest-xdist (`python -m pytest -n auto`), the cores are shared out between the workers: a worker and
+# the commands its tests start get cores / workers threads each, instead of every one of them taking all the
+# cores and the threads fighting over them. Set before torch is imported, so it applies to torch's own pool.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _threads = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    os.environ.setdefault("OMP_NUM_THREADS", _threads)
+    os.environ.setdefault("MKL_NUM_THREADS", _threads)
+
 
 @pytest.fixture(scope="session")
 def mnist_splits():

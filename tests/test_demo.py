@@ -131,7 +131,7 @@ def test_requirements_and_versions_are_read_right(tmp_path):
     found = {p.name: p for p in demo.parse_requirements()}
     assert found["torch"].spec == ">=2.6" and found["scikit-learn"].spec == ">=1.3" and "pytest" in found
     assert found["torch"].section == "runtime" and found["torch"].commands == ()
-    assert {name for name, p in found.items() if p.section == demo.TEST_SECTION} == {"pytest", "playwright"}
+    assert {name for name, p in found.items() if p.section == demo.TEST_SECTION} == {"pytest", "pytest-xdist", "playwright"}
     # The packages one command alone needs, as requirements.txt names them; the core is needed by every command.
     assert {name: p.commands for name, p in found.items() if p.commands} == {
         "optuna": ("tune.py",), "onnx": ("export.py", "predict.py"), "onnxscript": ("export.py",),
@@ -333,3 +333,9 @@ def test_round_trip_fails_on_logits_a_device_cannot_explain(trained_like, tmp_pa
 def test_logit_tolerance_fits_the_device():
     assert demo.logits_rtol("cpu") == 1e-5
     assert demo.logits_rtol(torch.device("cuda", 0)) == demo.logits_rtol("mps") == 1e-3
+
+
+def test_a_package_imported_under_another_name_is_found_from_its_records():
+    """pytest-xdist is imported as xdist: read from the installed package's records, not guessed from its name."""
+    assert demo.import_name("pytest-xdist") == "xdist"
+    assert demo.import_name("torch") == "torch" and demo.import_name("pillow") == "PIL"

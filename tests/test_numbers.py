@@ -13,11 +13,11 @@ import pytest
 from PIL import Image
 
 import data_loader
-import predict
 import preprocess
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_user_images as mk  # noqa: E402
+from test_predict import run  # noqa: E402  (predict.main in-process: exit code, stdout and stderr lines)
 
 ROOT = Path(__file__).resolve().parent.parent
 PRETRAINED = ROOT / "pretrained" / "best_model_simple_pt.pth"
@@ -50,16 +50,6 @@ def on_paper(cover, path, seed=0, quality=None):
 def strip(mnist_test, indices, gaps, height=60, seed=0):
     images = mnist_test[0]
     return mk.number_strip([images[i] for i in indices], height, gaps, np.random.default_rng(seed))
-
-
-def run(argv, capsys):
-    """predict.main in-process: (exit code, stdout lines, stderr lines)."""
-    try:
-        code = predict.main([str(a) for a in argv])
-    except SystemExit as stop:
-        code = stop.code
-    out, err = capsys.readouterr()
-    return code, out.splitlines(), err.splitlines()
 
 
 def test_a_spaced_number_through_the_command(mnist_test, tmp_path):

@@ -188,10 +188,44 @@ def normalize(images_uint8_or_unit):
 # Augmentation strengths for DeviceBatches(augment=...). "strong" adds elastic distortion (Simard et al. 2003:
 # a random displacement field smoothed by a Gaussian; alpha 34 and sigma 6 move pixels by about 1.3 px RMS, which
 # still looks like handwriting) and a wider rotation; it pays off only over longer schedules (--preset accurate).
+# "writers" is the standard warp plus how other people's pens and pictures differ from MNIST's: strokes made
+# thicker or thinner (a grey dilation or erosion, random_strokes) and softened by a blur (an upscaled or
+# photographed digit); a level of its own, so the figures of the other two levels stay what they were.
 AUGMENTATIONS = {
     "standard": {"degrees": 10.0, "translate": 0.1, "scale": (0.9, 1.1)},
     "strong": {"degrees": 12.0, "translate": 0.1, "scale": (0.9, 1.1), "elastic": 34.0, "elastic_sigma": 6.0},
+    "writers": {"degrees": 10.0, "translate": 0.1, "scale": (0.9, 1.1), "thicker": 1.0, "thinner": 0.5,
+                "blur": 1.0},
 }
+
+
+def random_strokes(x, thicker=1.0, thinner=0.5, blur=1.0, generator=None):
+    """Thicker or thinner strokes and a blur, of a different strength for every image of a float batch (N, 1, H, W).
+
+    Each image draws s in [-1, 1): s > 0 moves it a share s * thicker of the way to its grey dilation (the max
+    over each 3x3 neighbourhood: about one pixel more ink on every side), s < 0 a share -s * thinner of the way
+    to its grey erosion (the min: one pixel less; thinner stays under 1 by default, since a full erosion wipes
+    out MNIST's thinnest strokes). Then it moves a share b in [0, blur) of the way to its Gaussian blur (3x3,
+    sigma 1). Blending by a per-image share, chosen with torch.where rather than Python branches, keeps it one
+    batched pass on the device with nothing read back, so a captured CUDA graph can replay it. Zero stays zero:
+    apply it to [0, 1] images before normalising.
+    """
+    from torchvision.transforms.v2.functional import gaussian_blur
+    share = torch.rand(x.shape[0], 2, 1, 1, 1, device=x.device, generator=generator, dtype=x.dtype)
+    s, b = share[:, 0] * 2 - 1, share[:, 1] * blur
+    dilated = F.max_pool2d(x, 3, stride=1, padding=1)
+    eroded = -F.max_pool2d(-x, 3, stride=1, padding=1)  # padding counts as -inf there: the border does not erode
+    target = torch.where(s > 0, dilated, eroded)
+    x = torch.lerp(x, target, torch.where(s > 0, s * thicker, -s * thinner))
+    return torch.lerp(x, gaussian_blur(x, [3, 3], [1.0, 1.0]), b)
+
+
+def augment_batch(x, thicker=0.0, thinner=0.0, blur=0.0, generator=None, **affine):
+    """One level of AUGMENTATIONS on a float batch in [0, 1]: random_strokes where the level has them, then
+    random_affine. The levels without strokes draw exactly the random numbers they always drew."""
+    if thicker or thinner or blur:
+        x = random_strokes(x, thicker, thinner, blur, generator=generator)
+    return random_affine(x, **affine, generator=generator)
 
 
 def random_affine(x, degrees=10.0, translate=0.1, scale=(0.9, 1.1), elastic=0.0, elastic_sigma=6.0, generator=None):
@@ -224,7 +258,7 @@ def random_affine(x, degrees=10.0, translate=0.1, scale=(0.9, 1.1), elastic=0.0,
 
 
 def augmentation(augment):
-    """False/None -> None, True -> "standard", a name -> its random_affine arguments from AUGMENTATIONS."""
+    """False/None -> None, True -> "standard", a name -> its augment_batch arguments from AUGMENTATIONS."""
     if augment is True:
         augment = "standard"
     if augment and augment not in AUGMENTATIONS:
@@ -267,12 +301,12 @@ class DeviceBatches:
 def gather(images, labels, idx, augment=None, layout=torch.contiguous_format):
     """The batch at indices idx of a uint8 split: (normalised float images (B, 1, 28, 28), labels (B,)).
 
-    augment: None or a dict from AUGMENTATIONS (random_affine's arguments). layout: the memory format the model
+    augment: None or a dict from AUGMENTATIONS (augment_batch's arguments). layout: the memory format the model
     takes (common.memory_format).
     """
     x = images.index_select(0, idx).unsqueeze(1).float().div_(255.0)
     if augment:
-        x = random_affine(x, **augment)
+        x = augment_batch(x, **augment)
     return normalize(x).contiguous(memory_format=layout), labels.index_select(0, idx)
 
 

@@ -8,7 +8,8 @@ with one call, enable(), and FastStep runs the same train_step with everything a
 - the batch is picked by a step counter that lives on the device (TrainBatches.batch takes a device index);
 - the learning rate is a 0-dim tensor that the step copies from LearningRates' device table by that counter,
   instead of a Python float a scheduler writes into the optimiser between steps;
-- the running loss and accuracy are summed on the device, never read back inside the epoch.
+- the running loss and accuracy are summed on the device, never read back inside the epoch;
+- with --ema, the moving average of the weights is updated on the device too (DeviceEMA).
 
 Then nothing in a step needs the host, so one step can be captured as a CUDA graph and every later step is one
 graph replay. warm_up() takes a few real steps before the clock starts (cuDNN autotuning, lazy initialisation,
@@ -16,6 +17,7 @@ torch.compile), captures the graph, and puts every weight, optimiser moment, cou
 the run is the run it would have been without the warm-up. The contract with the plain loop is tested in
 tests/test_train.py: FastStep trains as train_pytorch's loop does, and replayed as a graph as it does eagerly.
 """
+import itertools
 import time
 import warnings
 
@@ -91,6 +93,41 @@ class LearningRates:
         self.table[start_epoch * self.steps_per_epoch:].fill_(self.current())
 
 
+class DeviceEMA:
+    """The update of train_pytorch's AveragedModel(model, get_ema_multi_avg_fn(decay), use_buffers=True), with
+    nothing read back to the host, into that AveragedModel's own tensors (so checkpoints and --resume are the
+    same whichever path trained).
+
+    AveragedModel.update_parameters asks the host `if n_averaged == 0` (the first update copies the model, the
+    later ones average): a device value read back at every step, and a captured graph would replay whichever
+    branch it saw at capture. Here the branch is a number on the device instead: one torch._foreach_lerp_ over
+    the weight and buffer lists, by 1 on the first update (PyTorch's lerp returns the end point exactly at 1)
+    and by 1 - decay after, chosen with torch.where on the average's own n_averaged, moved to the device. The
+    integer buffers (batch norm's num_batches_tracked) get AveragedModel's own formula for them.
+    """
+
+    def __init__(self, averaged, model, decay):
+        device = next(model.parameters()).device
+        averaged.n_averaged = averaged.n_averaged.to(device)  # still the registered buffer: saved and loaded
+        self.n_averaged, self.decay = averaged.n_averaged, decay
+        pairs = [(a.detach(), m.detach()) for a, m in
+                 zip(itertools.chain(averaged.module.parameters(), averaged.module.buffers()),
+                     itertools.chain(model.parameters(), model.buffers()), strict=True)]
+        self.floats = [a for a, _ in pairs if a.is_floating_point()], [m for a, m in pairs if a.is_floating_point()]
+        self.integers = [(a, m) for a, m in pairs if not a.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self):
+        first = self.n_averaged == 0
+        weight = torch.where(first, 1.0, 1.0 - self.decay)  # a 0-dim float32 tensor on the device
+        averages, current = self.floats
+        # A list of tensor weights: a lone tensor would be taken for a Python number, read back with .item().
+        torch._foreach_lerp_(averages, current, [weight] * len(averages))
+        for a, m in self.integers:
+            a.copy_(torch.where(first, m, a * self.decay + m * (1 - self.decay)))
+        self.n_averaged += 1
+
+
 class FastStep:
     """train_step with its batch, learning rate and running sums on the device: capturable as one CUDA graph.
 
@@ -98,7 +135,8 @@ class FastStep:
     owns, which is what every replay then reuses.
     """
 
-    def __init__(self, train_step, model, optimizer, batches, lrs, ctx, label_smoothing, mark_cudagraph_step=False):
+    def __init__(self, train_step, model, optimizer, batches, lrs, ctx, label_smoothing, mark_cudagraph_step=False,
+                 ema=None, ema_decay=0.0):
         device = batches.images.device
         self.train_step, self.model, self.optimizer, self.batches = train_step, model, optimizer, batches
         self.lrs, self.ctx, self.label_smoothing = lrs, ctx, label_smoothing
@@ -108,6 +146,8 @@ class FastStep:
         self.loss_sum = torch.zeros((), device=device)
         self.correct = torch.zeros((), dtype=torch.long, device=device)
         self.graph = None
+        # ema: train_pytorch's AveragedModel (made with get_ema_multi_avg_fn(ema_decay)) or None, updated in place
+        self.ema = DeviceEMA(ema, unwrap_model(model), ema_decay) if ema is not None else None
 
     def __call__(self):
         if self.mark_cudagraph_step:  # torch.compile's own CUDA graphs: a new step, old outputs may be reused
@@ -115,6 +155,8 @@ class FastStep:
         x, y = self.batches.batch(self.counter % len(self.batches))
         self.lr.copy_(self.lrs.table.index_select(0, self.counter.view(1)).view(()))
         loss, logits = self.train_step(self.model, self.optimizer, x, y, self.ctx, self.label_smoothing)
+        if self.ema is not None:
+            self.ema.update()
         self.loss_sum += loss.float() * len(y)
         self.correct += (logits.argmax(1) == y).sum()
         self.counter += 1
@@ -153,20 +195,24 @@ def optimizer_flags(optimizer, device_type, capturable):
     return {"foreach": False} if optimizer == "adam" else {}
 
 
-def _snapshot(model, optimizer, counter):
+def _snapshot(model, optimizer, counter, ema=None):
     """Copies of everything a few training steps change, so that warm_up can put all of it back."""
     return {"model": {k: v.clone() for k, v in model.state_dict().items()},
+            "ema": {k: v.clone() for k, v in ema.state_dict().items()} if ema is not None else None,
             "optimizer": {p: {k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
                           for p, s in optimizer.state.items()},
             "counter": counter.clone() if counter is not None else None,
             "rng": random_state(counter.device if counter is not None else next(model.parameters()).device)}
 
 
-def _restore(saved, model, optimizer, counter):
+def _restore(saved, model, optimizer, counter, ema=None):
     """In place, never by replacing tensors: a captured graph keeps pointing at the same memory."""
     with torch.no_grad():
         for k, v in model.state_dict().items():
             v.copy_(saved["model"][k])
+        if ema is not None:  # the average's weights, buffers and n_averaged (the warm-up's updates undone)
+            for k, v in ema.state_dict().items():
+                v.copy_(saved["ema"][k])
         for p, state in optimizer.state.items():
             before = saved["optimizer"].get(p)
             for k, v in state.items():
@@ -189,15 +235,16 @@ def capture(step, device):
     return graph
 
 
-def warm_up(step, model, optimizer, counter=None, capture_graph=False, steps=WARM_UP_STEPS):
+def warm_up(step, model, optimizer, counter=None, capture_graph=False, steps=WARM_UP_STEPS, ema=None):
     """A few real steps before the clock starts, then everything put back; returns (CUDA graph or None, seconds).
 
     step: a callable that takes one training step (a FastStep, or the plain loop's step on its first batch).
-    counter: the FastStep's device counter, put back too. With capture_graph=True (CUDA only), one step is then
-    captured as a CUDA graph; a capture that CUDA refuses raises CaptureFailed.
+    counter: the FastStep's device counter, and ema: the AveragedModel it updates (if any), put back too. With
+    capture_graph=True (CUDA only), one step is then captured as a CUDA graph; a capture that CUDA refuses raises
+    CaptureFailed.
     """
     device = next(model.parameters()).device
-    saved = _snapshot(model, optimizer, counter)
+    saved = _snapshot(model, optimizer, counter, ema)
     t = time.perf_counter()
     graph = None
     if device.type == "cuda":
@@ -216,19 +263,22 @@ def warm_up(step, model, optimizer, counter=None, capture_graph=False, steps=WAR
         if capture_graph:
             graph = capture(step, device)
     seconds = time.perf_counter() - t
-    _restore(saved, model, optimizer, counter)
+    _restore(saved, model, optimizer, counter, ema)
     if graph is None:
         optimizer.zero_grad(set_to_none=True)
     return graph, seconds
 
 
-def enable(train_step, model, optimizer, batches, lrs, ctx, label_smoothing, capture_graph, mark_cudagraph_step):
+def enable(train_step, model, optimizer, batches, lrs, ctx, label_smoothing, capture_graph, mark_cudagraph_step,
+           ema=None, ema_decay=0.0):
     """The one call train_pytorch makes: a FastStep, warmed up and (with capture_graph) captured; returns
-    (the step, warm-up seconds). The optimiser must have been built with a 0-dim tensor learning rate."""
-    fast = FastStep(train_step, model, optimizer, batches, lrs, ctx, label_smoothing, mark_cudagraph_step)
+    (the step, warm-up seconds). The optimiser must have been built with a 0-dim tensor learning rate; ema is
+    the run's AveragedModel (--ema, with its decay) or None."""
+    fast = FastStep(train_step, model, optimizer, batches, lrs, ctx, label_smoothing, mark_cudagraph_step, ema,
+                    ema_decay)
     if capture_graph:  # the warm-up steps run the capturable optimiser eagerly, on purpose
         warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
-    fast.graph, seconds = warm_up(fast, unwrap_model(model), optimizer, fast.counter, capture_graph)
+    fast.graph, seconds = warm_up(fast, unwrap_model(model), optimizer, fast.counter, capture_graph, ema=ema)
     return fast, seconds
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from packaging.version import Version
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 import data_loader
@@ -58,7 +59,7 @@ PRESETS = {
 # Settings that define a run: restored from the last checkpoint on --resume so it ends as it would have.
 RUN_SETTINGS = ("model", "epochs", "batch_size", "learning_rate", "max_lr", "optimizer", "scheduler", "patience",
                 "weight_decay", "seed", "val_size", "augment", "strong_augment", "label_smoothing", "train_subset",
-                "dropout", "lr_scaling", "deterministic")
+                "dropout", "lr_scaling", "deterministic", "augment_level", "ema")
 # torch.compile modes that replay CUDA graphs of their own: the project's whole-step graph stays out of their way.
 COMPILE_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
@@ -104,6 +105,14 @@ def parse_args(argv=None):
     p.add_argument("--strong_augment", "--strong-augment", action=argparse.BooleanOptionalAction, default=False,
                    help="with --augment: elastic distortion (alpha 34, sigma 6 px) and 12 deg rotation instead; "
                         "for long schedules")
+    p.add_argument("--augment_level", "--augment-level", choices=list(data_loader.AUGMENTATIONS), default=None,
+                   help="with --augment: the augmentation by name (default: standard, or strong with "
+                        "--strong_augment; a level given here wins over it); writers = standard plus thicker or "
+                        "thinner strokes and a blur, for pictures by other people")
+    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="keep an exponential moving average of the weights and batch-norm statistics beside the "
+                        "model (decay per step, e.g. 0.999; 0: off); each epoch validation scores both, and the "
+                        "better one is kept as the best checkpoint")
     p.add_argument("--label_smoothing", "--label-smoothing", type=float, default=0.1,
                    help="share of the target spread over all classes in the training loss (0 to <1); it also "
                         "puts a floor of about 0.5 under the training loss. Measured on a 2-core CPU, seed 0: "
@@ -161,6 +170,8 @@ def check_args(parser, args):
         parser.error(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
     if args.weight_decay < 0:
         parser.error(f"--weight_decay must be >= 0, got {args.weight_decay}")
+    if not 0.0 <= args.ema < 1.0:
+        parser.error(f"--ema must be in [0, 1) (0: off, 0.999 typical), got {args.ema}")
     if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.dropout is not None and args.model not in DROPOUT_ARGS:
@@ -189,6 +200,11 @@ def compile_problem(device_type, torch_version):
     if device_type == "mps" and Version(torch_version.split("+")[0]) < Version("2.8"):
         return f"--compile on MPS needs torch 2.8 or newer (this is {torch_version}): upgrade torch or drop --compile"
     return None
+
+
+def augment_level(args):
+    """The name of the augmentation in data_loader.AUGMENTATIONS (used with --augment)."""
+    return args.augment_level or ("strong" if args.strong_augment else "standard")
 
 
 def model_args_for(args):
@@ -382,6 +398,7 @@ class Run:
     scheduler: Any = None           # the plain loop's PyTorch scheduler (None with --scheduler none)
     per_batch: bool = False         # whether it steps after every batch (onecycle, cosine) or every epoch
     fast: fast_step.FastStep = None  # the step on the device and its CUDA graph, on one CUDA GPU
+    ema: AveragedModel = None       # --ema: the moving average of the weights (ema.module is a model like model)
     lr_used: float = 0.0            # the rate of the plain loop's last step (for the history)
     warmup_seconds: float = 0.0
     state: RunState = field(default_factory=RunState)
@@ -436,7 +453,7 @@ def set_up(args, dist, say):
     (train_x, train_y), run.val, run.test = splits["train"], splits["val"], splits["test"]
     try:
         run.batches = data_loader.TrainBatches(
-            train_x, train_y, args.batch_size, augment=args.augment and ("strong" if args.strong_augment else "standard"),
+            train_x, train_y, args.batch_size, augment=args.augment and augment_level(args),
             generator=run.shuffle_gen, rank=dist.rank, world_size=dist.world, memory_format=layout)
     except ValueError as err:
         fail(str(err), 2)
@@ -445,6 +462,10 @@ def set_up(args, dist, say):
     run.model_args = model_args_for(args)
     model = run.model = build_model(args.model, **run.model_args).to(device).to(memory_format=layout)
     run.n_params = count_parameters(model)
+    if args.ema:
+        # swa_utils' moving average: a copy of the model whose weights and batch-norm buffers (use_buffers) follow
+        # the model's by ema <- decay * ema + (1 - decay) * model after every step, starting from the first step's.
+        run.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True)
     say(f"{args.model} CNN: {run.n_params:,} parameters | device {device_label(device)}"
         f"{f' x {dist.world} processes' if dist.enabled else ''} | amp {'bf16' if args.amp else 'off'} | "
         f"train {len(train_x):,} val {len(run.val[0]):,} test {len(run.test[0]):,} | data ready in "
@@ -476,6 +497,11 @@ def set_up(args, dist, say):
 
     if resume is not None:
         model.load_state_dict(resume["state_dict"])
+        if run.ema is not None and "ema" in resume:  # a state saved without --ema: the average starts afresh
+            try:
+                run.ema.load_state_dict(resume["ema"])
+            except (RuntimeError, KeyError) as err:
+                fail(f"{run.last_path}: its --ema average does not fit the model ({str(err).splitlines()[0][:120]})", 2)
         load_optimizer_state(run.optimizer, resume["optimizer"])
         schedule = (resume.get("lr_schedule") or {"scheduler": resume.get("scheduler")}).get("scheduler")
         if use_fast:
@@ -495,7 +521,8 @@ def set_up(args, dist, say):
         try:
             run.fast, run.warmup_seconds = fast_step.enable(
                 train_step, step_model, run.optimizer, run.batches, lrs, run.ctx, args.label_smoothing,
-                capture_graph=capture, mark_cudagraph_step=compile_graphs)
+                capture_graph=capture, mark_cudagraph_step=compile_graphs, ema=run.ema,
+                ema_decay=args.ema)
         except fast_step.CaptureFailed as err:
             fail(str(err))
     elif not args.dry_run and (device.type == "cuda" or args.compile):
@@ -529,6 +556,8 @@ def train_epoch(run, epoch, bar=None, max_steps=None):
         for i in range(steps):
             x, y = run.batches.batch(i)
             loss, logits = train_step(run.step_model, run.optimizer, x, y, run.ctx, args.label_smoothing)
+            if run.ema is not None:
+                run.ema.update_parameters(run.model)
             run.lr_used = run.optimizer.param_groups[0]["lr"]
             if run.per_batch:
                 run.scheduler.step()
@@ -563,32 +592,43 @@ def schedule_state(run):
 
 
 def validate_and_keep_best(run, epoch, train_loss, train_acc, seconds):
-    """Score the validation split, log the epoch, save the best and the resumable state; returns the row and
-    whether it improved."""
+    """Score the validation split (with --ema the moving average too), log the epoch, save the best and the
+    resumable state; returns the row and whether it improved."""
     args, state = run.args, run.state
     val_loss, val_acc = evaluate(run.model, *run.val, run.ctx, run.dist)
     row = {"epoch": epoch, "train_loss": round(train_loss, 6), "train_acc": round(train_acc, 6),
            "val_loss": round(val_loss, 6), "val_acc": round(val_acc, 6), "lr": end_epoch_schedule(run, epoch, val_loss),
            "seconds": round(seconds, 3)}
+    # This epoch's candidate: the model, or with --ema whichever of the model and its average validates better.
+    kept, weights, kept_loss, kept_acc, ema_note = run.model, "model", val_loss, val_acc, ""
+    if run.ema is not None:
+        ema_loss, ema_acc = evaluate(run.ema.module, *run.val, run.ctx, run.dist)
+        if ema_acc > val_acc or (ema_acc == val_acc and ema_loss < val_loss):
+            kept, weights, kept_loss, kept_acc = run.ema.module, "ema", ema_loss, ema_acc
+        row.update(ema_val_loss=round(ema_loss, 6), ema_val_acc=round(ema_acc, 6), weights=weights)
+        ema_note = f" | ema loss {ema_loss:.4f} acc {ema_acc * 100:6.2f}% -> {weights:<5}"
     # Ties are common on 5,000 images (one image is 0.02%): then the lower validation loss wins.
-    improved = val_acc > state.best_val or (val_acc == state.best_val and val_loss < state.best_val_loss)
+    improved = kept_acc > state.best_val or (kept_acc == state.best_val and kept_loss < state.best_val_loss)
     if improved:
-        state.best_val, state.best_val_loss, state.best_epoch, state.stale = val_acc, val_loss, epoch, 0
+        state.best_val, state.best_val_loss, state.best_epoch, state.stale = kept_acc, kept_loss, epoch, 0
     else:
         state.stale += 1
     state.epoch, state.train_seconds = epoch, state.train_seconds + seconds
     state.history.append(row)
     if run.dist.is_main:
+        if improved:  # "weights" says which of the two the best checkpoint holds
+            atomic_save(make_checkpoint(kept, args.model, data_loader.NORMALIZATION, run.model_args, epoch=epoch,
+                                        val_accuracy=kept_acc, weights=weights, args=vars(args)), run.best_path)
+        # The resumable state holds the model itself, and with --ema the average beside it.
         ckpt = make_checkpoint(run.model, args.model, data_loader.NORMALIZATION, run.model_args, epoch=epoch,
-                               val_accuracy=val_acc, args=vars(args))
-        if improved:
-            atomic_save(ckpt, run.best_path)
-        atomic_save({**ckpt, **asdict(state), "optimizer": run.optimizer.state_dict(),
+                               val_accuracy=val_acc, weights="model", args=vars(args))
+        ema = {} if run.ema is None else {"ema": {k: v.detach().cpu() for k, v in run.ema.state_dict().items()}}
+        atomic_save({**ckpt, **asdict(state), **ema, "optimizer": run.optimizer.state_dict(),
                      "lr_schedule": schedule_state(run),
                      "rng": {**random_state(run.device), "shuffle": run.shuffle_gen.get_state()}},
                     run.last_path)
     run.say(f"epoch {epoch:>3}/{args.epochs} | train loss {train_loss:.4f} acc {train_acc * 100:6.2f}% | "
-            f"val loss {val_loss:.4f} acc {val_acc * 100:6.2f}%{' *' if improved else '  '} | "
+            f"val loss {val_loss:.4f} acc {val_acc * 100:6.2f}%{ema_note}{' *' if improved else '  '} | "
             f"lr {row['lr']:.2e} | {seconds:5.2f}s", flush=True)
     return row, improved
 
@@ -625,12 +665,13 @@ def finish(run, wall_start):
             "cuda_graphs": run.fast is not None and run.fast.graph is not None,
             "wall_seconds": round(time.perf_counter() - wall_start, 2),
             "device": device_label(run.device), "processes": dist.world, "amp": "bf16" if args.amp else "off",
-            "seed": args.seed, "torch": torch.__version__}
+            "seed": args.seed, "torch": torch.__version__, "weights": best.get("weights", "model")}
     metrics.write_metrics(report, run.save_dir, args.model, info)
     visualization.plot_training_history(state.history, run.save_dir / "training_history.png", state.best_epoch)
     visualization.plot_test_report(run.save_dir, test_x.cpu().numpy(), y_true, probs.cpu().numpy(), report)
+    kept = "model's moving average (--ema)" if best.get("weights") == "ema" else "model"
     print(f"test accuracy {report['accuracy'] * 100:.2f}% (loss {report['loss']:.4f}) with the epoch-"
-          f"{state.best_epoch} model chosen on validation ({state.best_val * 100:.2f}%) | training "
+          f"{state.best_epoch} {kept} chosen on validation ({state.best_val * 100:.2f}%) | training "
           f"{state.train_seconds:.1f}s | saved {run.best_path}")
     return 0
 

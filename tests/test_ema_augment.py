@@ -60,7 +60,7 @@ def test_the_average_differs_from_the_model_and_the_better_one_is_kept(tmp_path,
 
 # ---- fast_step's average against swa_utils' --------------------------------------------------------------------
 
-def build_fast_step(decay, augment="writers", epochs=2):
+def build_fast_step(decay, augment="writers", epochs=2, capturable=False):
     """The tiny CNN, 640 random images in batches of 64, and a FastStep with an AveragedModel, built the way
     train_pytorch.set_up builds them on one CUDA GPU (here on DEVICE, eagerly)."""
     import argparse
@@ -75,7 +75,7 @@ def build_fast_step(decay, augment="writers", epochs=2):
                               learning_rate=1e-3, max_lr=5e-3)
     lrs = fast_step.LearningRates(lambda opt: train_pytorch.make_scheduler(args, opt, len(batches)),
                                   args.learning_rate, epochs * len(batches), len(batches), device)
-    optimizer = train_pytorch.make_optimizer(args, model, lrs.table[0].clone(), device.type)
+    optimizer = train_pytorch.make_optimizer(args, model, lrs.table[0].clone(), device.type, capturable=capturable)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
     step = fast_step.FastStep(train_pytorch.train_step, model, optimizer, batches, lrs, nullcontext(), 0.1,
                               ema=ema, ema_decay=decay)
@@ -141,6 +141,29 @@ def test_warm_up_puts_the_average_back_too():
     fast_step.warm_up(step, model, optimizer, step.counter, ema=ema)
     assert all(torch.equal(before[k], v) for k, v in ema.state_dict().items())
     assert ema.n_averaged.item() == 0
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a CUDA GPU: run with MNIST_TEST_DEVICE=cuda; "
+                                             "the eager DeviceEMA is held to swa_utils above")
+def test_graphed_average_equals_the_eager_average():
+    """The average updated inside the captured graph (replayed 15 times, the first update a copy) is the
+    average the eager FastStep makes."""
+    torch.use_deterministic_algorithms(True)
+    try:
+        results = []
+        for capture in (False, True):
+            model, optimizer, batches, ema, step, _ = build_fast_step(0.8, capturable=capture)
+            step.graph, _ = fast_step.warm_up(step, model, optimizer, step.counter, capture_graph=capture, ema=ema)
+            model.train()
+            batches.new_epoch()
+            step.run_epoch(1, 15)
+            torch.cuda.synchronize()
+            results.append({k: v.float().cpu() for k, v in ema.state_dict().items()})
+        eager, graphed = results
+        assert eager["n_averaged"].item() == graphed["n_averaged"].item() == 15
+        assert all(torch.allclose(eager[k], graphed[k], rtol=1e-5, atol=1e-6) for k in eager)
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 # ---- resume --------------------------------------------------------------------------------------------------

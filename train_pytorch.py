@@ -526,9 +526,10 @@ def set_up(args, dist, say):
         except fast_step.CaptureFailed as err:
             fail(str(err))
     elif not args.dry_run and (device.type == "cuda" or args.compile):
-        first = run.batches.batch(0)
+        # The batch is drawn inside each warm-up step, so its augmentation's random draws are put back too.
         _, run.warmup_seconds = fast_step.warm_up(
-            lambda: train_step(step_model, run.optimizer, *first, run.ctx, args.label_smoothing), model, run.optimizer)
+            lambda: train_step(step_model, run.optimizer, *run.batches.batch(0), run.ctx, args.label_smoothing),
+            model, run.optimizer)
     if run.warmup_seconds:
         what = ", ".join(w for w in (args.compile and f"compiled ({args.compile_mode})",
                                      run.fast is not None and run.fast.graph is not None

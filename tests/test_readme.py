@@ -161,7 +161,7 @@ def digits_read(stdout):
 def test_the_readme_shows_the_commands_this_test_runs():
     """The extraction finds what a reader sees, so an empty or garbled read cannot pass for a working README."""
     quick = [shlex.split(c, comments=True) for title, c in readme_commands()]
-    assert quick[0] == ["pip", "install", "-r", "requirements.txt"] and quick[-1] == ["python", "-m", "pytest"]
+    assert quick[0] == ["pip", "install", "-r", "requirements.txt"] and quick[-1][:3] == ["python", "-m", "pytest"]
     assert [argv[1] for argv in quick[1:-1]] == ["demo.py", "predict.py", "train_pytorch.py", "predict.py"]
     assert quick[2] == ["python", "predict.py", "--image_path", "examples/"]
 

@@ -19,6 +19,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -392,64 +393,14 @@ def answer_on_page(page, timeout=15.0):
     return page.inner_text("#digit"), page.inner_text("#confidence")
 
 
-def test_drawing_in_the_browser(server, digits):
+@contextmanager
+def browser_page(server):
+    """The app's page in a headless Debian Chromium driven by Playwright, and the list of errors it logs (page
+    errors and console errors: a CSP refusal or a 404 shows up there); skipped with a reason where either is
+    missing."""
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is missing: `apt-get install chromium` to run the browser test")
     sync_api = pytest.importorskip("playwright.sync_api", reason="`pip install playwright` to run the browser test")
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 900, "height": 620})
-            errors = []
-            page.on("pageerror", lambda err: errors.append(str(err)))
-            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)  # CSP, 404s
-            page.goto(server + "/")
-            page.locator("#model").filter(has_text="model:").wait_for(timeout=15_000)
-            read, shot, started = [], None, time.monotonic()
-            for label, digit in digits[:DRAWN_DIGITS]:
-                if page.is_enabled("#clear"):  # disabled while the square is empty
-                    page.click("#clear")
-                draw(page, digit)
-                shown, confidence = answer_on_page(page)
-                read.append((label, shown, confidence))
-                if shown == str(label) and shot is None and label >= 2:  # a curvier digit than 0 or 1 for the picture
-                    shot = ROOT / "results" / "app_screenshot.png"
-                    page.screenshot(path=str(shot), animations="disabled")  # bars at their final width
-            print(f"drew {len(read)} digits in {time.monotonic() - started:.1f} s: {read}")
-            right = sum(shown == str(label) for label, shown, _ in read)
-            assert right >= DRAWN_RIGHT, f"only {right} of {len(read)} drawn digits read right: {read}"
-
-            # Undo takes back the last stroke exactly; Clear empties the square and the answer.
-            before = page.evaluate("document.querySelector('#canvas').toDataURL()")
-            box = page.locator("#canvas").bounding_box()
-            page.mouse.move(box["x"] + 10, box["y"] + 10)
-            page.mouse.down()
-            page.mouse.move(box["x"] + 60, box["y"] + 30)
-            page.mouse.up()
-            assert page.evaluate("document.querySelector('#canvas').toDataURL()") != before
-            page.click("#undo")
-            assert page.evaluate("document.querySelector('#canvas').toDataURL()") == before
-            assert answer_on_page(page)[0] == read[-1][1]
-            page.click("#clear")
-            assert answer_on_page(page) == ("?", "draw something")
-
-            # An uploaded picture goes to the server as it is.
-            label, digit = digits[4]
-            page.set_input_files("#upload", files=[{"name": "four.png", "mimeType": "image/png",
-                                                    "buffer": picture(digit, dark_on_light=True)}])
-            assert answer_on_page(page)[0] == str(label)
-            assert not errors, errors
-        finally:
-            browser.close()
-    assert shot is not None and shot.stat().st_size > 10_000
-
-
-def test_reading_a_number_in_the_browser(server, digits):
-    """The number mode: a four-digit number written with the mouse is read, each digit's probability under it."""
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing: `apt-get install chromium` to run the browser test")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="`pip install playwright` to run the browser test")
-    number = "2026"
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         try:
@@ -458,19 +409,66 @@ def test_reading_a_number_in_the_browser(server, digits):
             page.on("pageerror", lambda err: errors.append(str(err)))
             page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
             page.goto(server + "/")
-            page.locator("#model").filter(has_text="model:").wait_for(timeout=15_000)
-            page.check("#mode")
-            box = page.locator("#canvas").bounding_box()
-            assert box["width"] > 3.5 * box["height"]  # the wide canvas
-            for place, label in enumerate(number):
-                draw(page, dict(digits)[int(label)], place)
-                shown, _ = answer_on_page(page)
-                assert shown == number[:place + 1], f"after {place + 1} digits the page shows {shown!r}"
-            under = page.locator("#digits .d").all_inner_texts()
-            assert [t.split()[0] for t in under] == list(number)
-            assert all(t.split()[1].endswith("%") for t in under)
-            page.click("#clear")
-            assert answer_on_page(page) == ("?", "draw something")
-            assert not errors, errors
+            yield page, errors
         finally:
             browser.close()
+
+
+def test_drawing_in_the_browser(server, digits):
+    with browser_page(server) as (page, errors):
+        page.locator("#model").filter(has_text="model:").wait_for(timeout=15_000)
+        read, shot, started = [], None, time.monotonic()
+        for label, digit in digits[:DRAWN_DIGITS]:
+            if page.is_enabled("#clear"):  # disabled while the square is empty
+                page.click("#clear")
+            draw(page, digit)
+            shown, confidence = answer_on_page(page)
+            read.append((label, shown, confidence))
+            if shown == str(label) and shot is None and label >= 2:  # a curvier digit than 0 or 1 for the picture
+                shot = ROOT / "results" / "app_screenshot.png"
+                page.screenshot(path=str(shot), animations="disabled")  # bars at their final width
+        print(f"drew {len(read)} digits in {time.monotonic() - started:.1f} s: {read}")
+        right = sum(shown == str(label) for label, shown, _ in read)
+        assert right >= DRAWN_RIGHT, f"only {right} of {len(read)} drawn digits read right: {read}"
+
+        # Undo takes back the last stroke exactly; Clear empties the square and the answer.
+        before = page.evaluate("document.querySelector('#canvas').toDataURL()")
+        box = page.locator("#canvas").bounding_box()
+        page.mouse.move(box["x"] + 10, box["y"] + 10)
+        page.mouse.down()
+        page.mouse.move(box["x"] + 60, box["y"] + 30)
+        page.mouse.up()
+        assert page.evaluate("document.querySelector('#canvas').toDataURL()") != before
+        page.click("#undo")
+        assert page.evaluate("document.querySelector('#canvas').toDataURL()") == before
+        assert answer_on_page(page)[0] == read[-1][1]
+        page.click("#clear")
+        assert answer_on_page(page) == ("?", "draw something")
+
+        # An uploaded picture goes to the server as it is.
+        label, digit = digits[4]
+        page.set_input_files("#upload", files=[{"name": "four.png", "mimeType": "image/png",
+                                                "buffer": picture(digit, dark_on_light=True)}])
+        assert answer_on_page(page)[0] == str(label)
+        assert not errors, errors
+    assert shot is not None and shot.stat().st_size > 10_000
+
+
+def test_reading_a_number_in_the_browser(server, digits):
+    """The number mode: a four-digit number written with the mouse is read, each digit's probability under it."""
+    number = "2026"
+    with browser_page(server) as (page, errors):
+        page.locator("#model").filter(has_text="model:").wait_for(timeout=15_000)
+        page.check("#mode")
+        box = page.locator("#canvas").bounding_box()
+        assert box["width"] > 3.5 * box["height"]  # the wide canvas
+        for place, label in enumerate(number):
+            draw(page, dict(digits)[int(label)], place)
+            shown, _ = answer_on_page(page)
+            assert shown == number[:place + 1], f"after {place + 1} digits the page shows {shown!r}"
+        under = page.locator("#digits .d").all_inner_texts()
+        assert [t.split()[0] for t in under] == list(number)
+        assert all(t.split()[1].endswith("%") for t in under)
+        page.click("#clear")
+        assert answer_on_page(page) == ("?", "draw something")
+        assert not errors, errors

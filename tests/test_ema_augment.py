@@ -14,6 +14,7 @@ import train_pytorch
 from cnn_pytorch import build_model
 from common import memory_format
 from conftest import DEVICE
+from test_train import interrupt_after  # Ctrl-C after a given number of training steps
 
 SMALL = ["--model", "tiny", "--train_subset", "2000", "--val_size", "1000", "--device", DEVICE, "--no_progress"]
 
@@ -167,18 +168,6 @@ def test_graphed_average_equals_the_eager_average():
 
 
 # ---- resume --------------------------------------------------------------------------------------------------
-
-def interrupt_after(monkeypatch, steps):
-    """Ctrl-C (the KeyboardInterrupt a SIGINT raises) after a given number of training steps."""
-    real, taken = train_pytorch.train_step, []
-
-    def step(*args):
-        taken.append(1)
-        if len(taken) > steps:
-            raise KeyboardInterrupt
-        return real(*args)
-    monkeypatch.setattr(train_pytorch, "train_step", step)
-
 
 @pytest.mark.slow
 def test_ctrl_c_then_resume_with_ema_ends_exactly_where_an_uninterrupted_run_ends(tmp_path, monkeypatch, capsys):

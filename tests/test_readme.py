@@ -201,6 +201,7 @@ def test_the_shim_keeps_a_venvs_packages(tmp_path):
     assert Path(prefix).resolve() == venv.resolve()
 
 
+@pytest.mark.slow
 def test_quick_start_runs_verbatim_on_a_fresh_copy(project):
     """In order: demo passes and its next command works; predict reads the examples with the shipped model;
     training writes results/; predict then uses that model."""
@@ -228,6 +229,7 @@ def test_quick_start_runs_verbatim_on_a_fresh_copy(project):
             assert len(digits_read(done.stdout)) >= 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
 def test_every_page_runs_verbatim_on_a_fresh_copy(project, page):
     """Each runnable line of the page, in order, on the copy the Quick start ran in; a few outputs are checked

@@ -20,10 +20,12 @@ tests/test_train.py: FastStep trains as train_pytorch's loop does, and replayed 
 import itertools
 import time
 import warnings
+from contextlib import nullcontext
 
 import torch
 
-from common import random_state, set_random_state
+from checkpoint import unwrap
+from common import random_state, set_random_state, synchronize
 
 WARM_UP_STEPS = 3  # cuDNN autotune, lazy initialisation, compilation: all done before the clock starts
 
@@ -147,7 +149,7 @@ class FastStep:
         self.correct = torch.zeros((), dtype=torch.long, device=device)
         self.graph = None
         # ema: train_pytorch's AveragedModel (made with get_ema_multi_avg_fn(ema_decay)) or None, updated in place
-        self.ema = DeviceEMA(ema, unwrap_model(model), ema_decay) if ema is not None else None
+        self.ema = DeviceEMA(ema, unwrap(model), ema_decay) if ema is not None else None
 
     def __call__(self):
         if self.mark_cudagraph_step:  # torch.compile's own CUDA graphs: a new step, old outputs may be reused
@@ -202,7 +204,7 @@ def _snapshot(model, optimizer, counter, ema=None):
             "optimizer": {p: {k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
                           for p, s in optimizer.state.items()},
             "counter": counter.clone() if counter is not None else None,
-            "rng": random_state(counter.device if counter is not None else next(model.parameters()).device)}
+            "rng": random_state(next(model.parameters()).device)}
 
 
 def _restore(saved, model, optimizer, counter, ema=None):
@@ -223,7 +225,7 @@ def _restore(saved, model, optimizer, counter, ema=None):
     set_random_state(saved["rng"], next(model.parameters()).device)
 
 
-def capture(step, device):
+def capture(step):
     """One call of `step` captured as a CUDA graph (CUDA only); CaptureFailed, with CUDA's reason, if refused."""
     try:
         graph = torch.cuda.CUDAGraph()
@@ -246,22 +248,17 @@ def warm_up(step, model, optimizer, counter=None, capture_graph=False, steps=WAR
     device = next(model.parameters()).device
     saved = _snapshot(model, optimizer, counter, ema)
     t = time.perf_counter()
-    graph = None
-    if device.type == "cuda":
-        side = torch.cuda.Stream(device)  # warm-up off the default stream, as graph capture wants it
+    cuda = device.type == "cuda"
+    if cuda:  # warm-up off the default stream, as graph capture wants it
+        side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(steps):
-                step()
-        torch.cuda.current_stream(device).wait_stream(side)
-        if capture_graph:
-            graph = capture(step, device)
-        torch.cuda.synchronize(device)
-    else:
+    with torch.cuda.stream(side) if cuda else nullcontext():
         for _ in range(steps):
             step()
-        if capture_graph:
-            graph = capture(step, device)
+    if cuda:
+        torch.cuda.current_stream(device).wait_stream(side)
+    graph = capture(step) if capture_graph else None
+    synchronize(device)
     seconds = time.perf_counter() - t
     _restore(saved, model, optimizer, counter, ema)
     if graph is None:
@@ -278,10 +275,6 @@ def enable(train_step, model, optimizer, batches, lrs, ctx, label_smoothing, cap
                     ema_decay)
     if capture_graph:  # the warm-up steps run the capturable optimiser eagerly, on purpose
         warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
-    fast.graph, seconds = warm_up(fast, unwrap_model(model), optimizer, fast.counter, capture_graph, ema=ema)
+    fast.graph, seconds = warm_up(fast, unwrap(model), optimizer, fast.counter, capture_graph, ema=ema)
     return fast, seconds
 
-
-def unwrap_model(model):
-    """The plain module under torch.compile: its state_dict is the one to snapshot."""
-    return getattr(model, "_orig_mod", model)

@@ -76,7 +76,7 @@ def train_once(model, epochs, seed, device, extra, work):
     """One real training run through the training command; returns its report (training seconds, accuracy)."""
     save_dir = Path(work) / f"{model}_e{epochs}_s{seed}"
     cmd = [sys.executable, str(TRAIN_SCRIPT), "--model", model, "--epochs", str(epochs), "--seed", str(seed),
-           "--device", str(device), "--save_dir", str(save_dir), "--no_progress", "--patience", "0",
+           "--device", str(device), "--save_dir", str(save_dir), "--no_progress", "--no_plots", "--patience", "0",
            *MODEL_FLAGS.get(model, []), *extra]
     start = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True)

@@ -149,6 +149,9 @@ def parse_args(argv=None):
     p.add_argument("--no_test", "--no-test", action="store_true",
                    help="do not score the test set at the end (tune.py: choose on validation only); the best "
                         "checkpoint and the history are still written")
+    p.add_argument("--no_plots", "--no-plots", action="store_true",
+                   help="score the test set and write metrics_<model>.txt/.json, but none of the PNG figures "
+                        "(a few seconds less per run: sweeps, benchmarks, tests)")
     p.add_argument("--no_progress", "--no-progress", action="store_true", help="no tqdm bars, summary lines only")
     p.add_argument("--dist_timeout", "--dist-timeout", type=int, default=180,
                    help="under torchrun: seconds a process waits for the others before giving up with an error")
@@ -650,7 +653,6 @@ def finish(run, wall_start):
               f"{state.train_seconds:.1f}s | test set not scored (--no_test) | saved {run.best_path}")
         return 0
     import metrics  # imported late: scikit-learn is only needed once training is done
-    import visualization
     test_x, test_y = run.test
     y_true = test_y.cpu().numpy()
     report = metrics.compute_metrics(y_true, probs.cpu().numpy())
@@ -667,8 +669,10 @@ def finish(run, wall_start):
             "device": device_label(run.device), "processes": dist.world, "amp": "bf16" if args.amp else "off",
             "seed": args.seed, "torch": torch.__version__, "weights": best.get("weights", "model")}
     metrics.write_metrics(report, run.save_dir, args.model, info)
-    visualization.plot_training_history(state.history, run.save_dir / "training_history.png", state.best_epoch)
-    visualization.plot_test_report(run.save_dir, test_x.cpu().numpy(), y_true, probs.cpu().numpy(), report)
+    if not args.no_plots:
+        import visualization  # imported late, and only here: matplotlib and seaborn take seconds to load
+        visualization.plot_training_history(state.history, run.save_dir / "training_history.png", state.best_epoch)
+        visualization.plot_test_report(run.save_dir, test_x.cpu().numpy(), y_true, probs.cpu().numpy(), report)
     kept = "model's moving average (--ema)" if best.get("weights") == "ema" else "model"
     print(f"test accuracy {report['accuracy'] * 100:.2f}% (loss {report['loss']:.4f}) with the epoch-"
           f"{state.best_epoch} {kept} chosen on validation ({state.best_val * 100:.2f}%) | training "

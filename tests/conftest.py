@@ -30,18 +30,38 @@ def mnist_splits():
     return data_loader.get_splits()
 
 
+def pytest_collection_modifyitems(items):
+    """The slow end-to-end runs first: pytest-xdist hands tests out in this order, so the longest start while
+    the short ones can still fill in around them, instead of one long run keeping the suite waiting at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # a stable sort: file order otherwise
+
+
+def shared_folder(tmp_path_factory, name):
+    """A folder every xdist worker of this session sees (one session's base folder), else this run's own."""
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        return tmp_path_factory.getbasetemp().parent / name
+    return tmp_path_factory.mktemp(name)
+
+
 @pytest.fixture(scope="session")
 def small_run(tmp_path_factory):
-    """A simple model trained for one epoch on 6,000 real MNIST images by train_pytorch.py (a few seconds).
+    """A simple model trained for one epoch on 6,000 real MNIST images by train_pytorch.py (1,000 validation).
 
-    Returns the save_dir holding best_model_simple_pt.pth, last_simple_pt.pth and the reports.
-    It reaches about 96% test accuracy: good enough to check that tools agree with it, not a quality bar.
+    Returns the save_dir holding best_model_simple_pt.pth, last_simple_pt.pth and the reports (read only: the
+    tests share it). It reaches about 96% test accuracy: good enough to check that tools agree with it, not a
+    quality bar. Under xdist the first worker to need it trains it and the others wait for it (a file lock),
+    rather than every worker training its own copy.
     """
+    from filelock import FileLock
     import train_pytorch
-    save_dir = tmp_path_factory.mktemp("small_run")
-    code = train_pytorch.main(["--model", "simple", "--epochs", "1", "--train_subset", "6000", "--device", DEVICE,
-                               "--save_dir", str(save_dir), "--no_progress"])
-    assert code == 0
+    save_dir = shared_folder(tmp_path_factory, "small_run")
+    done = save_dir.with_name(save_dir.name + ".done")  # beside the folder: the folder holds the run's files only
+    with FileLock(str(save_dir) + ".lock"):
+        if not done.exists():
+            code = train_pytorch.main(["--model", "simple", "--epochs", "1", "--train_subset", "6000", "--val_size",
+                                       "1000", "--device", DEVICE, "--save_dir", str(save_dir), "--no_progress"])
+            assert code == 0
+            done.touch()
     return save_dir
 
 

@@ -260,6 +260,7 @@ def stall(host, port, n):
     return sockets
 
 
+@pytest.mark.slow
 def test_under_load_with_stalled_connections_every_request_is_answered(server, digits):
     """500 pictures from 32 clients at once, a new connection each, while 20 connections hang mid-request."""
     import http.client
@@ -414,6 +415,7 @@ def browser_page(server):
             browser.close()
 
 
+@pytest.mark.slow
 def test_drawing_in_the_browser(server, digits):
     with browser_page(server) as (page, errors):
         page.locator("#model").filter(has_text="model:").wait_for(timeout=15_000)
@@ -454,6 +456,7 @@ def test_drawing_in_the_browser(server, digits):
     assert shot is not None and shot.stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_reading_a_number_in_the_browser(server, digits):
     """The number mode: a four-digit number written with the mouse is read, each digit's probability under it."""
     number = "2026"

@@ -55,6 +55,7 @@ def test_demo_passes_here_and_prints_every_check(tmp_path):
     assert len(read) == 5 and all(name_digit == said for _, name_digit, said in read), tried.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("with_unpacked", [False, True], ids=["gz-only", "gz-and-unpacked"])
 def test_corrupted_data_file_is_named_with_its_fix(tmp_path, capsys, with_unpacked):
     """One shipped .gz damaged: exit 1, the file named, the git command to restore it; training is not tried.
@@ -81,6 +82,7 @@ def test_corrupted_data_file_is_named_with_its_fix(tmp_path, capsys, with_unpack
     assert not (tmp_path / "demo_predictions.png").exists()
 
 
+@pytest.mark.slow
 def test_missing_package_is_named_with_its_install_command(tmp_path, capsys, monkeypatch):
     """torch looks uninstalled (its metadata gone): it is named with the pip command, and nothing needing it runs."""
     real_version = importlib.metadata.version
@@ -131,7 +133,7 @@ def test_requirements_and_versions_are_read_right(tmp_path):
     found = {p.name: p for p in demo.parse_requirements()}
     assert found["torch"].spec == ">=2.6" and found["scikit-learn"].spec == ">=1.3" and "pytest" in found
     assert found["torch"].section == "runtime" and found["torch"].commands == ()
-    assert {name for name, p in found.items() if p.section == demo.TEST_SECTION} == {"pytest", "pytest-xdist", "playwright"}
+    assert {name for name, p in found.items() if p.section == demo.TEST_SECTION} == {"pytest", "pytest-xdist", "filelock", "playwright"}
     # The packages one command alone needs, as requirements.txt names them; the core is needed by every command.
     assert {name: p.commands for name, p in found.items() if p.commands} == {
         "optuna": ("tune.py",), "onnx": ("export.py", "predict.py"), "onnxscript": ("export.py",),
@@ -220,6 +222,7 @@ def test_missing_test_packages_are_an_optional_note(tmp_path, monkeypatch):
     assert [name for name, _, _ in cl.notes] == ["pytest", "playwright"]
 
 
+@pytest.mark.slow
 def test_a_machine_without_optuna_or_onnx_passes_with_a_note_naming_the_command(monkeypatch):
     """The lent GPU machine's image: every package a user needs but optuna and the ONNX packages. They are
     tune.py's and export.py's own: a note that names the command and the install line, and the demo passes."""
@@ -242,6 +245,7 @@ def test_a_machine_without_optuna_or_onnx_passes_with_a_note_naming_the_command(
     assert [name for name, _, _ in cl.notes] == ["optuna"]
 
 
+@pytest.mark.slow
 def test_a_broken_command_package_is_a_note_too(monkeypatch):
     """Installed but failing to import (a broken binary): only its command is affected, so a note, not a cross."""
     real_import = importlib.import_module

@@ -18,7 +18,7 @@ SCRIPT = str(ROOT / "train_pytorch.py")
 # in weights whose gradient is near zero (measured: up to 0.05 after 46 steps, for the same 94.2% accuracy).
 FLAGS = ["--model", "simple", "--dropout", "0", "--no_augment", "--lr_scaling", "none", "--optimizer", "sgd",
          "--learning_rate", "0.02", "--scheduler", "none", "--train_subset", "6000", "--epochs", "1", "--device",
-         "cpu", "--no_progress"]
+         "cpu", "--no_progress", "--no_plots"]
 
 
 def free_port():
@@ -61,7 +61,7 @@ def test_a_rank_that_dies_makes_the_other_exit_with_a_message_not_hang(tmp_path)
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), OMP_NUM_THREADS="1")
         procs.append(subprocess.Popen([sys.executable, SCRIPT, "--train_subset", "6000", "--epochs", "4",
-                                       "--device", "cpu", "--no_progress", "--save_dir", str(tmp_path),
+                                       "--device", "cpu", "--no_progress", "--no_plots", "--save_dir", str(tmp_path),
                                        "--dist_timeout", "60"],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:

@@ -16,7 +16,8 @@ from common import memory_format
 from conftest import DEVICE
 from test_train import interrupt_after  # Ctrl-C after a given number of training steps
 
-SMALL = ["--model", "tiny", "--train_subset", "2000", "--val_size", "1000", "--device", DEVICE, "--no_progress"]
+SMALL = ["--model", "tiny", "--train_subset", "2000", "--val_size", "1000", "--device", DEVICE, "--no_progress",
+         "--no_plots"]
 
 
 # ---- the flag ------------------------------------------------------------------------------------------------
@@ -180,7 +181,7 @@ def test_ctrl_c_then_resume_with_ema_ends_exactly_where_an_uninterrupted_run_end
         assert train_pytorch.main([*flags, "--save_dir", str(tmp_path / "cut")]) == 130
     assert "interrupted in epoch 2" in capsys.readouterr().err
     assert train_pytorch.main(["--resume", *exact, "--save_dir", str(tmp_path / "cut"), "--model", "tiny",
-                               "--device", DEVICE, "--no_progress"]) == 0
+                               "--device", DEVICE, "--no_progress", "--no_plots"]) == 0
     assert "resuming after epoch 1 of 2" in capsys.readouterr().out
     a, b = (torch.load(tmp_path / name / "last_tiny_pt.pth", weights_only=True) for name in ("straight", "cut"))
     assert b["args"]["ema"] == 0.95 and b["args"]["augment_level"] == "writers"

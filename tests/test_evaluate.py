@@ -181,6 +181,7 @@ def test_unwritable_save_dir_is_one_line_and_exit_2(small_checkpoint, tmp_path):
     assert code == 2 and err.count("\n") == 1 and "--save_dir" in err
 
 
+@pytest.mark.slow
 def test_command_line_exit_code(tmp_path):
     """The real command, as a person runs it: one line on stderr, exit status 2."""
     result = subprocess.run([sys.executable, "evaluate.py", "--model_path", str(tmp_path / "missing.pth"),

@@ -56,6 +56,7 @@ def exported(small_checkpoint, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_all_formats_written_with_report(exported):
     assert {p.name for p in exported.iterdir()} == {"simple.pt2", "simple.onnx", "simple_int8.onnx", "report.md"}
     report = (exported / "report.md").read_text()
@@ -68,6 +69,7 @@ def test_all_formats_written_with_report(exported):
     assert f"first {N_EVAL:,} MNIST test images" in report
 
 
+@pytest.mark.slow
 def test_onnx_is_valid_with_dynamic_batch_and_metadata(exported):
     import onnx
     proto = onnx.load(str(exported / "simple.onnx"))
@@ -80,6 +82,7 @@ def test_onnx_is_valid_with_dynamic_batch_and_metadata(exported):
     assert json.loads(meta["mnist.classes"]) == [str(d) for d in range(10)]
 
 
+@pytest.mark.slow
 def test_onnx_agrees_with_pytorch_on_real_test_images(exported, test_batch, reference_logits):
     model = export.load_onnx_model(exported / "simple.onnx")
     logits = export.predict_logits(model, test_batch[0], batch_size=333)  # uneven batches: the batch is dynamic
@@ -88,6 +91,7 @@ def test_onnx_agrees_with_pytorch_on_real_test_images(exported, test_batch, refe
     assert model(test_batch[0][:1]).shape == (1, 10)
 
 
+@pytest.mark.slow
 def test_onnx_model_normalizes_with_its_own_metadata(exported, mnist_splits):
     model = export.load_onnx_model(exported / "simple.onnx")
     raw = mnist_splits["test"][0][:8]
@@ -95,6 +99,7 @@ def test_onnx_model_normalizes_with_its_own_metadata(exported, mnist_splits):
     assert model.classes == [str(d) for d in range(10)] and model.model_name == "simple"
 
 
+@pytest.mark.slow
 def test_int8_is_quantized_small_and_accurate(exported, test_batch, reference_logits):
     import onnx
     proto = onnx.load(str(exported / "simple_int8.onnx"))
@@ -109,6 +114,7 @@ def test_int8_is_quantized_small_and_accurate(exported, test_batch, reference_lo
     assert (logits.argmax(1) == labels).mean() >= fp32_accuracy - 0.001
 
 
+@pytest.mark.slow
 def test_artifacts_load_without_our_code(exported, tmp_path, test_batch, reference_logits):
     """A fresh interpreter that cannot import this project runs the .pt2 with torch and the .onnx files with ORT."""
     np.save(tmp_path / "images.npy", test_batch[0][:500])
@@ -139,6 +145,7 @@ def test_artifacts_load_without_our_code(exported, tmp_path, test_batch, referen
     assert (out["simple_int8.onnx"].argmax(1) == ref.argmax(1)).mean() >= 0.99
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in MODELS if n != "simple"])  # simple is covered by `exported`
 def test_every_model_exports_to_onnx_and_int8(name, tmp_path, test_batch, mnist_splits):
     import onnx
@@ -219,6 +226,7 @@ def test_load_onnx_model_refuses_what_it_cannot_run(tmp_path, monkeypatch):
         export.load_onnx_model(tmp_path / "foreign.onnx")
 
 
+@pytest.mark.slow
 def test_predict_runs_an_exported_onnx_model_like_the_checkpoint(exported, small_checkpoint, mnist_splits, tmp_path,
                                                                  capsys):
     """predict.py --model_path model.onnx: same preprocessing, same answers, same output format."""

@@ -15,7 +15,7 @@ from conftest import ROOT
 
 SCRIPT = str(ROOT / "train_pytorch.py")
 TINY = ["--model", "tiny", "--train_subset", "1000", "--val_size", "500", "--epochs", "1", "--device", "cpu",
-        "--no_progress"]
+        "--no_progress", "--no_plots"]
 
 
 # Apple's MPS, decided where the device is decided (no Mac here: these are the decisions themselves).
@@ -91,6 +91,7 @@ def test_resume_keeps_this_runs_optimiser_flags_and_places_adams_steps_by_them()
                for p, s in graphed.state.items())
 
 
+@pytest.mark.slow
 def test_a_resumed_run_builds_its_own_optimiser_flags(tmp_path):
     """End to end: a state whose optimiser groups say foreach/capturable, resumed on the CPU, trains with the
     CPU's plain Adam (the groups of the run's own optimiser after set_up)."""
@@ -146,6 +147,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_torchrun_with_one_process_joins_the_group_and_wraps_the_model_in_ddp(tmp_path):
     """With --nproc_per_node=1 the distributed path must still run (Gloo here, NCCL in .ci/gpu_check): a check
     of NCCL with one process is only a check if the process group is really joined."""

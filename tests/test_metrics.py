@@ -145,6 +145,7 @@ def synthetic():
     return images, y, probs / probs.sum(1, keepdims=True)
 
 
+@pytest.mark.slow
 def test_test_report_writes_four_readable_pngs(synthetic, tmp_path):
     import matplotlib.pyplot as plt
     images, y, probs = synthetic

@@ -52,6 +52,7 @@ def strip(mnist_test, indices, gaps, height=60, seed=0):
     return mk.number_strip([images[i] for i in indices], height, gaps, np.random.default_rng(seed))
 
 
+@pytest.mark.slow
 def test_a_spaced_number_through_the_command(mnist_test, tmp_path):
     indices = [first_of(mnist_test, d) for d in (2, 0, 2, 6)]
     path = on_paper(strip(mnist_test, indices, [0.4, 0.3, 0.5]), tmp_path / "number.jpg", quality=85)

@@ -158,6 +158,7 @@ def test_no_ink_is_no_digit(picture):
         preprocess.image_to_mnist(arr.astype(np.uint8))
 
 
+@pytest.mark.slow
 def test_pictures_as_people_send_them(mnist_test, pretrained, tmp_path):
     """A small set of each kind, made from MNIST test digits: plain resizing is near chance, ours is not."""
     made = mk.make_set(tmp_path, *mnist_test, kinds=mk.KINDS, per_kind=30, seed=1)
@@ -384,6 +385,7 @@ def test_examples_are_small_described_and_what_the_generator_makes(mnist_test, t
         assert again.shape == shipped_pixels.shape and np.abs(again - shipped_pixels).mean() < 1.0, path.name
 
 
+@pytest.mark.slow
 def test_no_picture_says_what_to_pass_and_the_command_works(tmp_path):
     """`python predict.py` alone: one line, exit 2, naming a command on the shipped examples that works as printed."""
     done = subprocess.run([sys.executable, str(ROOT / "predict.py")], cwd=tmp_path, capture_output=True, text=True,

@@ -31,7 +31,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 PAGES = sorted((ROOT / "docs").glob("*.md"))
-TRAIN_SHORTENING = ["--epochs", "1", "--train_subset", "3000", "--no_progress"]  # argparse: the last flag wins
+TRAIN_SHORTENING = ["--epochs", "1", "--train_subset", "3000", "--no_progress", "--no_plots"]  # the last flag wins
 SHORTENING = {  # flags appended to a command of each script
     "train_pytorch.py": TRAIN_SHORTENING,
     "benchmark.py": ["--epochs", "1", "--extra=--train_subset 3000"],

@@ -234,6 +234,7 @@ OVERSIZED_PROBE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss is in kilobytes on Linux (bytes on macOS)")
 def test_oversized_layer_costs_no_memory_in_a_fresh_process(good, tmp_path):
     """predict.py in its own process: the file that made it allocate 5.4 GB for 18 s is refused in a blink."""

@@ -290,6 +290,7 @@ def test_a_study_is_only_resumed_with_its_own_settings(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_without_optuna_it_is_one_line_and_exit_2(tmp_path):
     """optuna is tune.py's own package: missing, the command names it and its install, and nothing else breaks."""
     hide = ("import runpy, sys; sys.modules['optuna'] = None; sys.argv = ['tune.py', *sys.argv[1:]]; "

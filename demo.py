@@ -39,10 +39,10 @@ IMPORT_NAMES = {"scikit-learn": "sklearn", "pillow": "PIL"}
 # The packages every check past the package lines needs; a check is not run when one of its needs failed.
 CORE = ("torch", "torchvision", "numpy", "pillow")
 
-# The learning check, in one visible block. Measured with seeds 0, 1, 2: 97.6%, 97.3%, 97.5% on the 2,000
-# held-out images, in about 5 s on a quiet 2-core CPU; a pipeline that does not learn stays far below the bar.
-# The tiny CNN (the record preset's model): it learns the pipeline's lesson in a third of simple's time on a CPU
-# (measured, 1 thread: 150 steps 4.3-5.4 s for 97.3-97.6% over seeds 0-2; simple's 250 steps took 11.5 s).
+# The learning check, in one visible block: the tiny CNN (the record preset's model), which learns the lesson in
+# less than half of simple's time on a CPU. Measured with seeds 0, 1, 2 on one thread: 97.3%, 97.6%, 97.3% on the
+# 2,000 held-out images in 4.3-5.4 s (simple's 250 steps: 97.5% in 11.5 s); 2.5 s on a quiet 2-core CPU. A
+# pipeline that does not learn stays far below the bar.
 LEARN_MODEL = "tiny"
 LEARN_TRAIN_IMAGES = 6000  # the first 6,000 of the training split
 LEARN_STEPS = 150          # batches of 64, no augmentation: about 1.6 passes over those images

@@ -31,8 +31,9 @@ def mnist_splits():
 
 
 def pytest_collection_modifyitems(items):
-    """The slow end-to-end runs first: pytest-xdist hands tests out in this order, so the longest start while
-    the short ones can still fill in around them, instead of one long run keeping the suite waiting at the end."""
+    """The slow end-to-end runs first. pytest-xdist (worksteal, pytest.ini) splits the tests between the workers in
+    this order, and a worker that runs out takes from the end of another's queue: with the long runs at the
+    front, what is left to share at the end is short tests, not one long run keeping the suite waiting."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # a stable sort: file order otherwise
 
 

@@ -8,12 +8,13 @@ run that must reach 95% on held-out images, a checkpoint round trip, a predictio
 small plot (results/demo_predictions.png). It ends with "Ready" and the next command to try (the shipped model
 reading the example pictures in examples/), or with what failed and the fix for each. Exit code 0 when all
 pass, 1 otherwise, 2 for bad flags.
-About 20 s on a 2-core CPU, most of it importing every package it checks.
+About 12 s on a 2-core CPU, most of it importing every package it checks.
 
 Only the standard library is imported up here: with torch missing, the checklist must still run and say so.
 This file owns the checklist; it trains and predicts through the project's modules and must not change them.
 """
 import argparse
+import functools
 import importlib
 import importlib.metadata
 import itertools
@@ -189,11 +190,18 @@ def satisfies(version, spec):
         return True
 
 
+@functools.cache
+def installed_modules():
+    """importlib.metadata.packages_distributions(), read once: it scans every installed package (0.2 s a call
+    here), and import_name asks it for every line of requirements.txt."""
+    return importlib.metadata.packages_distributions()
+
+
 def import_name(dist):
     """The module a distribution is imported as: its own name (torch), a known other name (pillow -> PIL), else
     the one module the installed package's records give (pytest-xdist -> xdist)."""
     usual = IMPORT_NAMES.get(dist.lower(), dist.lower().replace("-", "_"))
-    modules = [m for m, dists in importlib.metadata.packages_distributions().items()
+    modules = [m for m, dists in installed_modules().items()
                if dist.lower() in (d.lower() for d in dists) and not m.startswith("_")]
     return usual if usual in modules or len(modules) != 1 else modules[0]
 
@@ -589,7 +597,7 @@ def main(argv=None, stream=None):
     save_dir = Path(args.save_dir)
     save_dir = save_dir if save_dir.is_absolute() else PROJECT_DIR / save_dir
     cl = Checklist(stream)
-    cl.say("demo.py: can this machine train and predict? (about 20 s on a 2-core CPU)")
+    cl.say("demo.py: can this machine train and predict? (about 12 s on a 2-core CPU)")
 
     cl.run("Python", check_python, fix="install a newer Python")
     check_packages(cl)

@@ -7,7 +7,6 @@ sample_predictions.png, misclassified.png, per_class_metrics.png) without traini
 import argparse
 import sys
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 

@@ -396,9 +396,9 @@ def answer_on_page(page, timeout=15.0):
 
 @contextmanager
 def browser_page(server):
-    """The app's page in a headless Debian Chromium driven by Playwright, and the list of errors it logs (page
-    errors and console errors: a CSP refusal or a 404 shows up there); skipped with a reason where either is
-    missing."""
+    """The app's page, its model loaded, in a headless Debian Chromium driven by Playwright, and the list of
+    errors it logs (page errors and console errors: a CSP refusal or a 404 shows up there); skipped with a reason
+    where either is missing."""
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is missing: `apt-get install chromium` to run the browser test")
     sync_api = pytest.importorskip("playwright.sync_api", reason="`pip install playwright` to run the browser test")
@@ -410,6 +410,7 @@ def browser_page(server):
             page.on("pageerror", lambda err: errors.append(str(err)))
             page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
             page.goto(server + "/")
+            page.locator("#model").filter(has_text="model:").wait_for(timeout=15_000)  # the model has loaded
             yield page, errors
         finally:
             browser.close()
@@ -418,7 +419,6 @@ def browser_page(server):
 @pytest.mark.slow
 def test_drawing_in_the_browser(server, digits):
     with browser_page(server) as (page, errors):
-        page.locator("#model").filter(has_text="model:").wait_for(timeout=15_000)
         read, shot, started = [], None, time.monotonic()
         for label, digit in digits[:DRAWN_DIGITS]:
             if page.is_enabled("#clear"):  # disabled while the square is empty
@@ -461,7 +461,6 @@ def test_reading_a_number_in_the_browser(server, digits):
     """The number mode: a four-digit number written with the mouse is read, each digit's probability under it."""
     number = "2026"
     with browser_page(server) as (page, errors):
-        page.locator("#model").filter(has_text="model:").wait_for(timeout=15_000)
         page.check("#mode")
         box = page.locator("#canvas").bounding_box()
         assert box["width"] > 3.5 * box["height"]  # the wide canvas

@@ -5,7 +5,9 @@ Every ```bash block of the README's "Quick start" and of every docs/*.md page is
 backslash continues a line); ```text blocks are for reading only and are not run. Each command is run by bash
 in one copy of the project made the way a clone would be: the files `git ls-files` names, tracked or
 untracked-but-not-ignored, so work not committed yet is tested too, and nothing a run wrote (results/, the
-unpacked MNIST) comes along. The Quick start runs first, then the pages in alphabetical order.
+unpacked MNIST) comes along. In one process the Quick start runs first, then the pages in alphabetical order;
+under pytest-xdist each worker makes its own copy and takes the tests it is given, so no page may rely on what
+the Quick start or another page wrote.
 
 `python` (and `python3`) is the interpreter running this test: a two-line script in a folder put first on PATH
 that execs sys.executable by the path it was started with. A symlink would not do: a venv's python reached
@@ -232,8 +234,8 @@ def test_quick_start_runs_verbatim_on_a_fresh_copy(project):
 @pytest.mark.slow
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
 def test_every_page_runs_verbatim_on_a_fresh_copy(project, page):
-    """Each runnable line of the page, in order, on the copy the Quick start ran in; a few outputs are checked
-    beyond the exit code."""
+    """Each runnable line of the page, in order, on this worker's copy; a few outputs are checked beyond the exit
+    code."""
     dest, _ = project
     for command in page_commands(page):
         done = run(project, as_run(command))

@@ -30,8 +30,18 @@ def mnist_splits():
     return data_loader.get_splits()
 
 
+def pytest_configure(config):
+    """With -n (pytest-xdist), schedule by worksteal unless --dist was given: a worker that runs out of tests takes
+    half of another's queue. The default, load, hands out fixed chunks up front, and left one worker busy four
+    minutes after the other was done. Set here rather than in pytest.ini, so pytest still runs where xdist is
+    not installed (the GPU machine's image)."""
+    given = any(arg.startswith(("--dist", "-d")) for arg in config.invocation_params.args)
+    if getattr(config.option, "dist", None) == "load" and not given:
+        config.option.dist = "worksteal"
+
+
 def pytest_collection_modifyitems(items):
-    """The slow end-to-end runs first. pytest-xdist (worksteal, pytest.ini) splits the tests between the workers in
+    """The slow end-to-end runs first. pytest-xdist (worksteal, above) splits the tests between the workers in
     this order, and a worker that runs out takes from the end of another's queue: with the long runs at the
     front, what is left to share at the end is short tests, not one long run keeping the suite waiting."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # a stable sort: file order otherwise

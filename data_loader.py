@@ -1,13 +1,14 @@
 """The data: MNIST on disk, train/val/test tensors on the device, batches with augmentation.
 
 MNIST ships with the project in data/MNIST/raw/ as four .gz files. On first use they are unpacked next to
-themselves, checked against the canonical md5 sums, and read through torchvision.datasets.MNIST. Each split
+themselves, checked against the canonical md5 sums, and read as the IDX files they are (read_idx). Each split
 then lives on the training device as one uint8 tensor; batches are drawn from a shuffled index and are
 normalised and augmented there, batched, so the training loop never waits on per-sample Python work.
 """
 import gzip
 import hashlib
 import shutil
+import struct
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -142,15 +143,29 @@ def ensure_mnist(data_dir=DEFAULT_DATA_DIR):
     return check_mnist(data_dir)
 
 
+def read_idx(path):
+    """One IDX file (MNIST's format) as a uint8 tensor of the shape its header gives.
+
+    By hand rather than through torchvision.datasets.MNIST: importing any part of torchvision loads its models and
+    ops, which pull in torch's compiler (torch._dynamo), 2.5 s of the start of every command that reads MNIST
+    without training (evaluate.py, export.py; on the 2-core CPU), to read what is a 4-byte magic number (0x08:
+    unsigned bytes, then the number of dimensions), the sizes as big-endian int32, then the bytes. The files were
+    checked against the canonical md5 sums first (check_mnist), so no other layout occurs.
+    """
+    data = Path(path).read_bytes()
+    kind, ndim = data[2], data[3]
+    if data[:2] != b"\0\0" or kind != 0x08:
+        raise DataError(f"{path} is not an IDX file of unsigned bytes; restore it with `git checkout -- data/MNIST/raw`")
+    shape = struct.unpack(f">{ndim}i", data[4:4 + 4 * ndim])
+    return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).reshape(shape)
+
+
 def load_mnist(data_dir=DEFAULT_DATA_DIR):
     """All of MNIST as uint8 images (N, 28, 28) and int64 labels: {"train": (x, y), "test": (x, y)}."""
-    from torchvision import datasets
-    ensure_mnist(data_dir)
-    splits = {}
-    for split, train in (("train", True), ("test", False)):
-        ds = datasets.MNIST(str(data_dir), train=train, download=False)
-        splits[split] = (ds.data.contiguous(), ds.targets.long().contiguous())
-    return splits
+    raw_dir = ensure_mnist(data_dir)
+    return {split: (read_idx(raw_dir / f"{prefix}-images-idx3-ubyte"),
+                    read_idx(raw_dir / f"{prefix}-labels-idx1-ubyte").long())
+            for split, prefix in (("train", "train"), ("test", "t10k"))}
 
 
 def split_train_val(images, labels, val_size=5000, seed=0):

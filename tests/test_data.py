@@ -19,6 +19,21 @@ def test_shipped_mnist_has_the_documented_counts_and_labels(mnist_splits):
     assert [len(mnist_splits[s][0]) for s in ("train", "val", "test")] == [55_000, 5_000, 10_000]
 
 
+def test_the_idx_reader_reads_exactly_what_torchvision_reads():
+    """data_loader reads the IDX files itself (importing torchvision costs evaluate.py 2.5 s); the same tensors."""
+    from torchvision import datasets
+    data = data_loader.load_mnist()
+    for split, train in (("train", True), ("test", False)):
+        reference = datasets.MNIST(str(data_loader.DEFAULT_DATA_DIR), train=train, download=False)
+        assert torch.equal(data[split][0], reference.data) and torch.equal(data[split][1], reference.targets)
+
+
+def test_a_file_that_is_not_idx_is_refused_with_its_fix(tmp_path):
+    (tmp_path / "bad").write_bytes(b"PK\x03\x04" + bytes(100))
+    with pytest.raises(DataError, match="not an IDX file.*git checkout"):
+        data_loader.read_idx(tmp_path / "bad")
+
+
 def test_default_data_dir_is_beside_the_scripts_not_the_working_directory():
     assert data_loader.DEFAULT_DATA_DIR.is_absolute()
     assert data_loader.DEFAULT_DATA_DIR == data_loader.PROJECT_DIR / "data"

@@ -96,6 +96,19 @@ def test_touching_digits_are_split_with_digits(mnist_test, tmp_path, capsys):
     assert out[0].startswith(f"{path}: 470 ("), out
 
 
+def test_touching_digits_are_read_without_their_count(mnist_test, tmp_path, capsys):
+    """Seams that go around ink a long way read this 679 as 1581 (pieces of the 6 and the 7 taken by their
+    neighbours); the straighter seams of a cluster of several touching digits cut at the junctions."""
+    indices = [first_of(mnist_test, d) for d in (6, 7, 9)]
+    cover = strip(mnist_test, indices, [-0.06, -0.06])
+    labels = preprocess._label_components(cover > 0.5)
+    assert len(np.unique(labels[labels > 0])) < 3, "the digits should touch"
+    path = on_paper(cover, tmp_path / "679.png")
+    code, out, _ = run(["--image_path", path, "--number"], capsys)
+    assert code == 0
+    assert out[0].startswith(f"{path}: 679 ("), out
+
+
 def test_two_lines_are_read_top_to_bottom(mnist_test, tmp_path, capsys):
     top = strip(mnist_test, [first_of(mnist_test, d) for d in (1, 2)], [0.5])
     bottom = strip(mnist_test, [first_of(mnist_test, d) for d in (3, 4, 5)], [0.5, 0.5])

@@ -1,6 +1,11 @@
 """Shared fixtures: a small model trained by our own train_pytorch.py, once per test session."""
 import os
+import shlex
+import shutil
+import socket
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -40,11 +45,55 @@ def pytest_configure(config):
         config.option.dist = "worksteal"
 
 
-def pytest_collection_modifyitems(items):
-    """The slow end-to-end runs first. pytest-xdist (worksteal, above) splits the tests between the workers in
-    this order, and a worker that runs out takes from the end of another's queue: with the long runs at the
-    front, what is left to share at the end is short tests, not one long run keeping the suite waiting."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # a stable sort: file order otherwise
+DURATIONS = "mnist/durations"  # pytest's cache (.pytest_cache): each test's seconds in the last run that ran it
+UNKNOWN_SLOW = 10.0             # the seconds a slow test not timed yet is taken to need
+
+
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected
+def pytest_collection_modifyitems(config, items):
+    """The order the tests are handed out in: each worker's share starts with the long end-to-end runs.
+
+    pytest-xdist's worksteal (above) gives worker i the next len(rest) // (workers left) tests of this list, and a
+    worker that runs out takes the second half of the longest queue, from its end. So each share is built here:
+    the slow tests go, longest first (their time in the last run, from pytest's cache; else file order), to the
+    share with the least work so far, and the quick tests fill the shares up. The long runs then start at once on
+    every worker, and what is left to take at the end is quick tests, not one long run keeping the suite waiting.
+    """
+    cache = getattr(config, "cache", None)  # None under -p no:cacheprovider (.ci/gpu_check)
+    seconds = cache.get(DURATIONS, {}) if cache else {}
+    slow = sorted((item for item in items if item.get_closest_marker("slow")),
+                  key=lambda item: -seconds.get(item.nodeid, UNKNOWN_SLOW))  # a stable sort: file order for ties
+    quick = [item for item in items if not item.get_closest_marker("slow")]
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    sizes, left = [], len(items)
+    for i in range(workers):
+        sizes.append(left // (workers - i))
+        left -= sizes[-1]
+    shares, work = [[] for _ in sizes], [0.0] * len(sizes)
+    for item in slow:
+        open_shares = [i for i in range(len(sizes)) if len(shares[i]) < sizes[i]]
+        i = min(open_shares, key=lambda i: work[i])
+        shares[i].append(item)
+        work[i] += seconds.get(item.nodeid, UNKNOWN_SLOW)
+    for i, size in enumerate(sizes):
+        shares[i] += [quick.pop(0) for _ in range(size - len(shares[i]))]
+    items[:] = [item for share in shares for item in share]
+
+
+def pytest_runtest_logreport(report):
+    """Note each test's time (set-up, call and tear-down) for the next run's order, above."""
+    if report.when in ("setup", "call", "teardown"):
+        _timed[report.nodeid] = _timed.get(report.nodeid, 0.0) + report.duration
+
+
+_timed = {}
+
+
+def pytest_sessionfinish(session):
+    """Write the times down, once, from the process that saw every test's report (under xdist, the controller)."""
+    cache = getattr(session.config, "cache", None)
+    if not hasattr(session.config, "workerinput") and cache and _timed:
+        cache.set(DURATIONS, {**cache.get(DURATIONS, {}), **_timed})
 
 
 def shared_folder(tmp_path_factory, name):
@@ -79,3 +128,43 @@ def small_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_checkpoint(small_run):
     return small_run / "best_model_simple_pt.pth"
+
+
+def python_shim(folder, executable, *args):
+    """`python` and `python3` in `folder`: scripts that exec `executable` by the path given (not resolved, not a
+    symlink, so a venv's interpreter still finds its pyvenv.cfg and its packages), with `args` before the command's."""
+    prefix = " ".join(shlex.quote(str(word)) for word in (executable, *args))
+    for name in ("python", "python3"):
+        (folder / name).write_text(f"#!/bin/sh\nexec {prefix} \"$@\"\n")
+        (folder / name).chmod(0o755)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def python_bin(tmp_path_factory):
+    """A folder whose `python` runs a command as `python` would, but warm (tests/warm_python.py: a server that has
+    imported torch, scikit-learn and matplotlib forks it, saving 3-8 s of imports a command); put first on PATH,
+    or use PYTHON below. MNIST_TEST_COLD=1, or a system without fork and UNIX sockets, gives the plain interpreter."""
+    folder = tmp_path_factory.mktemp("bin")
+    if os.environ.get("MNIST_TEST_COLD") or not hasattr(socket, "send_fds") or not hasattr(os, "fork"):
+        yield python_shim(folder, sys.executable)
+        return
+    sock_dir = tempfile.mkdtemp(prefix="warm-")  # a short path: a UNIX socket's is limited to ~100 characters
+    sock = os.path.join(sock_dir, "python.sock")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "warm_python.py"), "--serve", sock], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "ready", "the warm python server did not start"
+        yield python_shim(folder, sys.executable, "-S", ROOT / "tests" / "warm_python.py", "--client", sock,
+                          sys.executable)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def python(python_bin):
+    """The interpreter for a command a test runs in a process of its own: str(path), used as sys.executable is."""
+    return str(python_bin / "python")

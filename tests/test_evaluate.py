@@ -5,7 +5,6 @@ import io
 import json
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -182,9 +181,9 @@ def test_unwritable_save_dir_is_one_line_and_exit_2(small_checkpoint, tmp_path):
 
 
 @pytest.mark.slow
-def test_command_line_exit_code(tmp_path):
+def test_command_line_exit_code(tmp_path, python):
     """The real command, as a person runs it: one line on stderr, exit status 2."""
-    result = subprocess.run([sys.executable, "evaluate.py", "--model_path", str(tmp_path / "missing.pth"),
+    result = subprocess.run([python, "evaluate.py", "--model_path", str(tmp_path / "missing.pth"),
                              "--save_dir", str(tmp_path)], cwd=evaluate.PROJECT_DIR, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 2

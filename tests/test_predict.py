@@ -341,10 +341,10 @@ def test_default_model_order(tmp_path, monkeypatch):
     assert checkpoint.default_model_path() == results / "best_model_simple_pt.pth"
 
 
-def test_command_line_from_another_folder(pictures, tmp_path):
+def test_command_line_from_another_folder(pictures, tmp_path, python):
     """Defaults come from the script's folder, the user's paths from the current one: a fresh-clone run."""
     paths, _ = pictures
-    done = subprocess.run([sys.executable, str(ROOT / "predict.py"), "--image_path", paths[0].name],
+    done = subprocess.run([python, str(ROOT / "predict.py"), "--image_path", paths[0].name],
                           cwd=paths[0].parent, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("digit0.png: ") and done.stderr.startswith("model: ")
@@ -386,14 +386,14 @@ def test_examples_are_small_described_and_what_the_generator_makes(mnist_test, t
 
 
 @pytest.mark.slow
-def test_no_picture_says_what_to_pass_and_the_command_works(tmp_path):
+def test_no_picture_says_what_to_pass_and_the_command_works(tmp_path, python):
     """`python predict.py` alone: one line, exit 2, naming a command on the shipped examples that works as printed."""
-    done = subprocess.run([sys.executable, str(ROOT / "predict.py")], cwd=tmp_path, capture_output=True, text=True,
+    done = subprocess.run([python, str(ROOT / "predict.py")], cwd=tmp_path, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert len(done.stderr.splitlines()) == 1 and "--image_path" in done.stderr and "examples" in done.stderr
     command = re.search(r"`(python [^`]+)`", done.stderr).group(1)
-    tried = subprocess.run(command.replace("python", shlex.quote(sys.executable), 1), shell=True, cwd=tmp_path,
+    tried = subprocess.run(command.replace("python", shlex.quote(python), 1), shell=True, cwd=tmp_path,
                            capture_output=True, text=True, timeout=120)
     assert tried.returncode == 0, tried.stderr
     assert len(tried.stdout.splitlines()) == len(mk.EXAMPLES)

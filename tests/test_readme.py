@@ -9,9 +9,11 @@ unpacked MNIST) comes along. In one process the Quick start runs first, then the
 under pytest-xdist each worker makes its own copy and takes the tests it is given, so no page may rely on what
 the Quick start or another page wrote.
 
-`python` (and `python3`) is the interpreter running this test: a two-line script in a folder put first on PATH
-that execs sys.executable by the path it was started with. A symlink would not do: a venv's python reached
-through a symlink in another folder finds no pyvenv.cfg beside it, and so none of the venv's packages.
+`python` (and `python3`) is the interpreter running this test, from a folder put first on PATH: conftest's
+python_bin, whose `python` runs each command in a process of its own forked from a server that has imported torch,
+scikit-learn and matplotlib already (tests/warm_python.py; MNIST_TEST_COLD=1 makes it a plain two-line script that
+execs sys.executable by the path it was started with). A symlink would not do: a venv's python reached through a
+symlink in another folder finds no pyvenv.cfg beside it, and so none of the venv's packages.
 
 Two kinds of line are not run, and are named in SKIPPED: `pip install` (the packages are those of the
 environment running this test) and `python -m pytest` (the suite this test is part of). Commands of the
@@ -30,13 +32,15 @@ from pathlib import Path
 
 import pytest
 
+from conftest import python_shim
+
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 PAGES = sorted((ROOT / "docs").glob("*.md"))
 TRAIN_SHORTENING = ["--epochs", "1", "--train_subset", "3000", "--no_progress", "--no_plots"]  # the last flag wins
 SHORTENING = {  # flags appended to a command of each script
     "train_pytorch.py": TRAIN_SHORTENING,
-    "benchmark.py": ["--epochs", "1", "--extra=--train_subset 3000"],
+    "benchmark.py": ["--epochs", "1", "--seeds", "1", "--extra=--train_subset 3000"],  # test_benchmark runs 2 seeds
     "tune.py": ["--epochs", "1", "--train_subset", "256"],  # not --trials: the grid refuses it
     "export.py": ["--eval_images", "500", "--calibration_images", "200", "--bench_seconds", "0.2"],
 }
@@ -126,23 +130,13 @@ def fresh_copy(dest):
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
+def project(tmp_path_factory, python_bin):
     """A fresh copy of the project, and an environment whose `python` is this interpreter."""
     if not (ROOT / ".git").exists():
         pytest.skip("not a git checkout: the copy is made from `git ls-files`")
     dest = fresh_copy(tmp_path_factory.mktemp("fresh_clone"))
-    shim = python_shim(tmp_path_factory.mktemp("bin"), sys.executable)
-    env = dict(os.environ, PATH=f"{shim}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONDONTWRITEBYTECODE="1")
+    env = dict(os.environ, PATH=f"{python_bin}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONDONTWRITEBYTECODE="1")
     return dest, env
-
-
-def python_shim(folder, executable):
-    """`python` and `python3` in `folder`: scripts that exec `executable` by the path given (not resolved, not a
-    symlink), so a venv's interpreter still finds its pyvenv.cfg and its packages."""
-    for name in ("python", "python3"):
-        (folder / name).write_text(f"#!/bin/sh\nexec {shlex.quote(str(executable))} \"$@\"\n")
-        (folder / name).chmod(0o755)
-    return folder
 
 
 def run(project, command, timeout=300):

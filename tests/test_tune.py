@@ -70,8 +70,9 @@ def assert_finished_once_each(study, n):
     return done
 
 
-def start(*flags, log):
-    return subprocess.Popen([sys.executable, SCRIPT, *flags], stdout=log, stderr=subprocess.STDOUT, text=True,
+def start(*flags, log, python=sys.executable):
+    """The command in the background. Cold by default: the kill test's crash must be the command's own death."""
+    return subprocess.Popen([python, SCRIPT, *flags], stdout=log, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
 
@@ -134,7 +135,7 @@ def test_grid_runs_18_trials_writes_the_heatmap_and_never_touches_the_test_set(t
 
 
 @pytest.mark.slow
-def test_a_killed_study_resumes_to_the_asked_number_of_trials_none_repeated(tmp_path):
+def test_a_killed_study_resumes_to_the_asked_number_of_trials_none_repeated(tmp_path, python):
     flags = ["--search", "tpe", "--trials", "4", "--jobs", "1", *FAST, "--save_dir", str(tmp_path)]
     with open(tmp_path / "run.log", "w") as log:
         # Ctrl-C: the running trial is recorded as failed and the command says how to resume.
@@ -152,7 +153,7 @@ def test_a_killed_study_resumes_to_the_asked_number_of_trials_none_repeated(tmp_
     notes = [tune.note(t) for t in journal_study(tmp_path, "tpe-tiny").get_trials()]
     assert notes.count("interrupted") == 1 and notes.count("") >= 2
 
-    result = subprocess.run([sys.executable, SCRIPT, *flags], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([python, SCRIPT, *flags], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "tpe-tiny: 4 of 4 trials done" in result.stdout
     study = journal_study(tmp_path, "tpe-tiny")
@@ -164,8 +165,8 @@ def test_a_killed_study_resumes_to_the_asked_number_of_trials_none_repeated(tmp_
 
 
 @pytest.mark.slow
-def test_two_workers_on_one_storage_finish_one_study_without_losing_a_trial(tmp_path):
-    result = subprocess.run([sys.executable, SCRIPT, "--search", "random", "--trials", "4", "--jobs", "2", *FAST,
+def test_two_workers_on_one_storage_finish_one_study_without_losing_a_trial(tmp_path, python):
+    result = subprocess.run([python, SCRIPT, "--search", "random", "--trials", "4", "--jobs", "2", *FAST,
                              "--save_dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     done = assert_finished_once_each(journal_study(tmp_path, "random-tiny"), 4)
@@ -219,11 +220,11 @@ def postgres():
 
 
 @pytest.mark.slow
-def test_two_commands_share_one_study_through_postgresql(tmp_path, postgres):
+def test_two_commands_share_one_study_through_postgresql(tmp_path, postgres, python):
     flags = ["--search", "random", "--trials", "4", "--jobs", "1", "--storage", postgres, "--study", "shared", *FAST]
     logs = [open(tmp_path / f"machine{i}.log", "w") for i in (1, 2)]
     try:  # two "machines": the same command, each with its own --save_dir
-        procs = [start(*flags, "--save_dir", str(tmp_path / f"machine{i}"), log=log)
+        procs = [start(*flags, "--save_dir", str(tmp_path / f"machine{i}"), log=log, python=python)
                  for i, log in zip((1, 2), logs)]
         codes = [p.wait(timeout=300) for p in procs]
     finally:

@@ -144,16 +144,19 @@ def python_shim(folder, executable, *args):
 def python_bin(tmp_path_factory):
     """A folder whose `python` runs a command as `python` would, but warm (tests/warm_python.py: a server that has
     imported torch, scikit-learn and matplotlib forks it, saving 3-8 s of imports a command); put first on PATH,
-    or use PYTHON below. MNIST_TEST_COLD=1, or a system without fork and UNIX sockets, gives the plain interpreter."""
+    or use the `python` fixture below. MNIST_TEST_COLD=1, or a system without fork and UNIX sockets, gives the plain interpreter."""
     folder = tmp_path_factory.mktemp("bin")
     if os.environ.get("MNIST_TEST_COLD") or not hasattr(socket, "send_fds") or not hasattr(os, "fork"):
         yield python_shim(folder, sys.executable)
         return
     sock_dir = tempfile.mkdtemp(prefix="warm-")  # a short path: a UNIX socket's is limited to ~100 characters
     sock = os.path.join(sock_dir, "python.sock")
+    # Without the thread settings the server's torch picks a cold start's default; each command then takes
+    # its own OMP_NUM_THREADS (under xdist, the worker's share) or that default.
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    # stdin from /dev/null: a pytest-xdist worker's own stdin is its channel to the controller
     server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "warm_python.py"), "--serve", sock], env=env,
-                              stdout=subprocess.PIPE, text=True)
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout.readline().strip() == "ready", "the warm python server did not start"
         yield python_shim(folder, sys.executable, "-S", ROOT / "tests" / "warm_python.py", "--client", sock,

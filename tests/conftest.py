@@ -103,26 +103,34 @@ def shared_folder(tmp_path_factory, name):
     return tmp_path_factory.mktemp(name)
 
 
+def made_once(tmp_path_factory, name, make):
+    """A folder that make(folder) fills once per test session, for the tests to read. Under xdist the first worker
+    to need it makes it and the others wait for it (a file lock), rather than every worker making its own copy."""
+    from filelock import FileLock
+    folder = shared_folder(tmp_path_factory, name)
+    done = folder.with_name(folder.name + ".done")  # beside the folder: the folder holds what make() wrote only
+    with FileLock(str(folder) + ".lock"):
+        if not done.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            make(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def small_run(tmp_path_factory):
     """A simple model trained for one epoch on 6,000 real MNIST images by train_pytorch.py (1,000 validation).
 
     Returns the save_dir holding best_model_simple_pt.pth, last_simple_pt.pth and the reports (read only: the
     tests share it). It reaches about 96% test accuracy: good enough to check that tools agree with it, not a
-    quality bar. Under xdist the first worker to need it trains it and the others wait for it (a file lock),
-    rather than every worker training its own copy.
+    quality bar. Trained once for all workers (made_once).
     """
-    from filelock import FileLock
     import train_pytorch
-    save_dir = shared_folder(tmp_path_factory, "small_run")
-    done = save_dir.with_name(save_dir.name + ".done")  # beside the folder: the folder holds the run's files only
-    with FileLock(str(save_dir) + ".lock"):
-        if not done.exists():
-            code = train_pytorch.main(["--model", "simple", "--epochs", "1", "--train_subset", "6000", "--val_size",
-                                       "1000", "--device", DEVICE, "--save_dir", str(save_dir), "--no_progress"])
-            assert code == 0
-            done.touch()
-    return save_dir
+
+    def train(save_dir):
+        assert train_pytorch.main(["--model", "simple", "--epochs", "1", "--train_subset", "6000", "--val_size",
+                                   "1000", "--device", DEVICE, "--save_dir", str(save_dir), "--no_progress"]) == 0
+    return made_once(tmp_path_factory, "small_run", train)
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ import data_loader
 import export
 from cnn_pytorch import MODELS, build_model
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from conftest import made_once
 
 N_EVAL = 2000  # test images checked here; the export command itself checks all 10,000 by default
 
@@ -46,14 +47,13 @@ def reference_logits(small_checkpoint, test_batch):
         return model(torch.from_numpy(test_batch[0])).numpy()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def exported(small_checkpoint, tmp_path_factory):
-    """All three artifacts of the small checkpoint, written by the export command itself."""
-    out = tmp_path_factory.mktemp("export")
-    code = run_export(["--model_path", small_checkpoint, "--format", "all", "--output_dir", out,
-                       "--eval_images", N_EVAL, "--bench_seconds", 0, "--threads", 1])
-    assert code == 0
-    return out
+    """All three artifacts of the small checkpoint, written by the export command itself (once for all workers)."""
+    def export_all(out):
+        assert run_export(["--model_path", small_checkpoint, "--format", "all", "--output_dir", out,
+                           "--eval_images", N_EVAL, "--bench_seconds", 0, "--threads", 1]) == 0
+    return made_once(tmp_path_factory, "export", export_all)
 
 
 @pytest.mark.slow

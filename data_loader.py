@@ -155,7 +155,8 @@ def read_idx(path):
     data = Path(path).read_bytes()
     kind, ndim = data[2], data[3]
     if data[:2] != b"\0\0" or kind != 0x08:
-        raise DataError(f"{path} is not an IDX file of unsigned bytes; restore it with `git checkout -- data/MNIST/raw`")
+        raise DataError(f"{path} is not an IDX file of unsigned bytes; restore it with "
+                        f"`git checkout -- data/MNIST/raw`")
     shape = struct.unpack(f">{ndim}i", data[4:4 + 4 * ndim])
     return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).reshape(shape)
 

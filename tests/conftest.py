@@ -152,7 +152,8 @@ def python_shim(folder, executable, *args):
 def python_bin(tmp_path_factory):
     """A folder whose `python` runs a command as `python` would, but warm (tests/warm_python.py: a server that has
     imported torch, scikit-learn and matplotlib forks it, saving 3-8 s of imports a command); put first on PATH,
-    or use the `python` fixture below. MNIST_TEST_COLD=1, or a system without fork and UNIX sockets, gives the plain interpreter."""
+    or use the `python` fixture below. MNIST_TEST_COLD=1, or a system without fork and UNIX sockets, gives the
+    plain interpreter."""
     folder = tmp_path_factory.mktemp("bin")
     if os.environ.get("MNIST_TEST_COLD") or not hasattr(socket, "send_fds") or not hasattr(os, "fork"):
         yield python_shim(folder, sys.executable)

@@ -169,7 +169,7 @@ def python_bin(tmp_path_factory):
     try:
         assert server.stdout.readline().strip() == "ready", "the warm python server did not start"
         yield python_shim(folder, sys.executable, "-S", ROOT / "tests" / "warm_python.py", "--client", sock,
-                          sys.executable)
+                          sys.executable, folder / "python")
     finally:
         server.terminate()
         server.wait(timeout=60)

@@ -1,5 +1,6 @@
 """benchmark.py: the time-to-accuracy rule, and one small end-to-end run through the real training command."""
 import json
+import sys
 
 import pytest
 
@@ -23,7 +24,8 @@ def test_time_to_a_mark_is_the_shortest_budget_whose_mean_reaches_it():
 
 
 @pytest.mark.slow
-def test_a_small_benchmark_writes_json_and_markdown(tmp_path, capsys):
+def test_a_small_benchmark_writes_json_and_markdown(tmp_path, monkeypatch, python):
+    monkeypatch.setattr(sys, "executable", python)  # its training runs through the warm `python` (conftest)
     code = benchmark.main(["--models", "tiny", "--epochs", "1", "--seeds", "2", "--no_baseline", "--device", DEVICE,
                            "--extra", "--train_subset 6000", "--out", str(tmp_path)])
     assert code == 0

@@ -2,7 +2,6 @@
 import os
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
@@ -55,12 +54,13 @@ def test_torchrun_two_processes_match_a_single_process_run(tmp_path, mnist_split
 
 
 @pytest.mark.slow
-def test_a_rank_that_dies_makes_the_other_exit_with_a_message_not_hang(tmp_path):
+def test_a_rank_that_dies_makes_the_other_exit_with_a_message_not_hang(tmp_path, python):
+    # Through the warm `python`: the kill of rank 1's process is passed on to the command as a SIGKILL.
     port, procs = free_port(), []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, SCRIPT, "--train_subset", "6000", "--epochs", "4",
+        procs.append(subprocess.Popen([python, SCRIPT, "--train_subset", "6000", "--epochs", "4",
                                        "--device", "cpu", "--no_progress", "--no_plots", "--save_dir", str(tmp_path),
                                        "--dist_timeout", "60"],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))

@@ -2,7 +2,6 @@
 device, the optimiser flags a resume keeps, a CUDA capture that fails, and torchrun with one process."""
 import socket
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -148,10 +147,10 @@ def free_port():
 
 
 @pytest.mark.slow
-def test_torchrun_with_one_process_joins_the_group_and_wraps_the_model_in_ddp(tmp_path):
+def test_torchrun_with_one_process_joins_the_group_and_wraps_the_model_in_ddp(tmp_path, python):
     """With --nproc_per_node=1 the distributed path must still run (Gloo here, NCCL in .ci/gpu_check): a check
     of NCCL with one process is only a check if the process group is really joined."""
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_port",
+    result = subprocess.run([python, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_port",
                              str(free_port()), SCRIPT, *TINY, "--dry_run", "--save_dir", str(tmp_path)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -72,3 +72,22 @@ def test_it_is_warm(python):
     """The point of it: torch and scikit-learn are in the command's process before it imports anything."""
     done = run(python, "import sys; print('torch' in sys.modules, 'sklearn.metrics' in sys.modules)")
     assert done.stdout.split() == ["True", "True"] and python != sys.executable
+
+
+@pytest.mark.skipif(bool(os.environ.get("MNIST_TEST_COLD")), reason="MNIST_TEST_COLD=1: the plain interpreter")
+def test_what_a_command_starts_with_sys_executable_is_warm_unless_it_is_handed_pipes(python):
+    """torchrun starts its workers as [sys.executable, "-u", script] and benchmark.py its runs as
+    [sys.executable, script]: those are warm too. A process handed a pipe beyond the standard streams (torch's
+    compile workers) must get it, so it starts cold."""
+    probe = "import sys; print(sys.executable, 'torch' in sys.modules, flush=True)"
+    starter = ("import os, subprocess, sys\n"
+               f"subprocess.run([sys.executable, '-u', '-c', {probe!r}])\n"
+               "read, write = os.pipe()\n"
+               f"subprocess.run([sys.executable, '-c', {probe!r} + '; import os; os.write({{0}}, b\"x\")'.format(write)],"
+               " pass_fds=[write])\n"
+               "print(os.read(read, 1))\n")
+    done = run(python, starter)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0, done.stderr
+    assert lines[0] == f"{python} True"  # warm, and its own sys.executable is the shim again
+    assert lines[1].endswith(" False") and lines[2] == "b'x'"  # cold, and the pipe worked

@@ -5,23 +5,26 @@ Why: the docs pages and many end-to-end tests run the commands as a person does,
 and on the 2-core CPU importing those packages is most of such a process's time: torch 2.6 s, torch's compiler
 (which every optimiser loads) 2.4 s, scikit-learn 2.7 s, against 1-3 s of work for most commands. The forked
 child is the command in every other respect: a process of its own (pid, exit code, signals), its argv, working
-folder, environment and standard streams, `sys.executable` the real interpreter (so torchrun's workers and
-benchmark.py's runs start cold), and the project's modules imported fresh from the script's folder. What it does
-not repeat is that those packages import in a cold interpreter; demo.py checks that, the tests that are about a
-process starting (a fresh process's memory, a bad flag, signals, torchrun) start cold, and MNIST_TEST_COLD=1
-makes every command cold (tests/conftest.py).
+folder, environment and standard streams, and the project's modules imported fresh from the script's folder.
+Its `sys.executable` is the `python` shim that started it, as a venv's python is for a command run by it, so the
+processes it starts with sys.executable (torchrun's workers, benchmark.py's runs) are warm too. What it does not
+repeat is that those packages import in a cold interpreter; demo.py checks that, the tests that are about a
+process starting (a fresh process's memory, a bad flag, signals, a rank that dies) start cold, and
+MNIST_TEST_COLD=1 makes every command cold (tests/conftest.py).
 
 Written by hand: multiprocessing's forkserver preloads modules too, but serves only the process that started it,
 and runs Python functions, not command lines with their own streams.
 
     python tests/warm_python.py --serve SOCKET           the server; prints "ready" once the packages are imported
-    python -S tests/warm_python.py --client SOCKET ARGS  what the `python` shim runs: ARGS as `python ARGS` would
+    python -S tests/warm_python.py --client SOCKET EXECUTABLE SHIM ARGS
+                                                     what the `python` shim SHIM runs: ARGS as `python ARGS` would
 
 The client sends its three standard file descriptors (SCM_RIGHTS) and {argv, cwd, env}; the server forks a handler,
 which forks the command, sends back its pid and then its exit status. The client passes SIGINT, SIGTERM and SIGHUP
 on to the command and ends as the command ended; a client killed outright takes its command with it. A command
-line the child cannot run as `python` would (any interpreter flag but -c and -m, or no script) is handed to the
-real interpreter, cold.
+line the child cannot run as `python` would (any interpreter flag but -u, -c and -m, or no script) is handed to the
+real interpreter, cold, as is one started with file descriptors beyond the standard three (a child that is
+handed pipes, such as torch's compile workers: the warm child could not see them).
 """
 import json
 import os
@@ -111,6 +114,11 @@ def run(request):
     import torch
     threads = os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(int(threads) if threads and threads.isdigit() else request["default_threads"])
+    sys.executable = request["executable"]
+    if argv[:1] == ["-u"]:  # unbuffered streams, as torchrun starts its workers
+        argv = argv[1:]
+        for stream in (sys.stdout, sys.stderr):
+            stream.reconfigure(line_buffering=True, write_through=True)
     if argv[:1] == ["-c"] and len(argv) >= 2:
         sys.argv = ["-c", *argv[2:]]
         sys.path[0] = ""
@@ -127,15 +135,35 @@ def run(request):
 
 
 def runs_warm(argv):
-    """Whether the child can run this command line as `python` would: a script, -c CODE or -m MODULE."""
-    return bool(argv) and (argv[0] in ("-c", "-m") and len(argv) >= 2 or not argv[0].startswith("-"))
+    """Whether the child can run this command line as `python` would: [-u] and a script, -c CODE or -m MODULE,
+    with nothing open but the standard streams."""
+    if argv[:1] == ["-u"]:
+        argv = argv[1:]
+    return (bool(argv) and (argv[0] in ("-c", "-m") and len(argv) >= 2 or not argv[0].startswith("-"))
+            and not extra_fds())
+
+
+def extra_fds():
+    """The file descriptors beyond 0-2 this process was started with (the listing's own is closed by then)."""
+    try:
+        fds = [int(name) for name in os.listdir("/dev/fd") if int(name) > 2]
+    except OSError:  # no /dev/fd: nothing to tell
+        return []
+    open_fds = []
+    for fd in fds:
+        try:
+            os.fstat(fd)
+            open_fds.append(fd)
+        except OSError:
+            pass
+    return open_fds
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The client: the `python` a command line runs
 # ---------------------------------------------------------------------------------------------------------------
 
-def client(path, argv, executable):
+def client(path, argv, executable, shim):
     if not runs_warm(argv):
         os.execv(executable, [executable, *argv])
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -143,7 +171,7 @@ def client(path, argv, executable):
         conn.connect(path)
     except OSError:  # no server (it was stopped): run cold
         os.execv(executable, [executable, *argv])
-    payload = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
+    payload = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "executable": shim}).encode()
     socket.send_fds(conn, [len(payload).to_bytes(8, "big") + payload], [0, 1, 2])
     replies = conn.makefile("rb")
     pid = int(replies.readline())
@@ -200,9 +228,9 @@ def main():
         request = serve(sys.argv[2])
         end(lambda: run(request))
     elif sys.argv[1:2] == ["--client"]:
-        client(sys.argv[2], sys.argv[4:], sys.argv[3])
+        client(sys.argv[2], sys.argv[5:], sys.argv[3], sys.argv[4])
     else:
-        sys.exit("usage: warm_python.py --serve SOCKET | --client SOCKET EXECUTABLE ARGS...")
+        sys.exit("usage: warm_python.py --serve SOCKET | --client SOCKET EXECUTABLE SHIM ARGS...")
 
 
 if __name__ == "__main__":

@@ -364,13 +364,22 @@ class TrainBatches:
         return gather(self.images, self.labels, idx, self.augment, self.layout)
 
 
+def eval_batch_size(device):
+    """Images per forward pass when scoring: large on a GPU; 256 on a CPU, where a batch that fits in the caches
+    is faster than a big one (measured on the 2-core CPU, 5,000 test images, channels_last: the simple CNN 0.47 s
+    in batches of 256 against 1.28 s in batches of 1,000, the improved CNN 3.0 s against 4.3 s)."""
+    return 5000 if torch.device(device).type == "cuda" else 256
+
+
 @torch.no_grad()
-def predict_probs(model, images, ctx=None, batch_size=1000, max_batches=None):
+def predict_probs(model, images, ctx=None, batch_size=None, max_batches=None):
     """Softmax outputs (N, 10) as float32 for uint8 images (N, 28, 28) on the model's device, in eval mode.
 
     model: any callable module that takes normalised (B, 1, 28, 28) batches and returns logits.
     ctx: the precision context (e.g. torch.autocast for bf16); None runs in full precision.
+    batch_size: images per forward pass; None: eval_batch_size of the images' device.
     """
+    batch_size = batch_size or eval_batch_size(images.device)
     model.eval()
     ctx = ctx if ctx is not None else nullcontext()
     layout = memory_format(images.device)

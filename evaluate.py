@@ -37,7 +37,8 @@ def parse_args(argv=None):
                    help="where the reports go (relative paths are taken from the project folder)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
     p.add_argument("--data_dir", "--data-dir", default=str(PROJECT_DIR / "data"), help="where MNIST lives")
-    p.add_argument("--batch_size", "--batch-size", type=int, default=1000, help="test images per forward pass")
+    p.add_argument("--batch_size", "--batch-size", type=int, default=None,
+                   help="test images per forward pass (default: 5000 on CUDA, 256 on a CPU)")
     return p
 
 
@@ -99,7 +100,7 @@ def print_table(rows):
 
 
 def run(args):
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise InputError(f"--batch_size must be at least 1, got {args.batch_size}")
     try:
         device = pick_device(args.device)

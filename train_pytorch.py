@@ -39,7 +39,7 @@ from checkpoint import CheckpointError, atomic_save, make_checkpoint, read_check
 from cnn_pytorch import MODELS, build_model, count_parameters
 from common import (PROJECT_DIR, OneLineParser, atomic_write, fail as _fail, memory_format, random_state,
                     set_random_state, synchronize)
-from data_loader import predict_probs
+from data_loader import eval_batch_size, predict_probs
 
 PROG = "train_pytorch.py"
 
@@ -274,12 +274,8 @@ def make_scheduler(args, optimizer, steps_per_epoch, scale=1.0):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# 3. Scoring a split (outside the training clock, in large batches), and the run's state
+# 3. Scoring a split (outside the training clock, in batches sized for the device), and the run's state
 # ------------------------------------------------------------------------------------------------------------
-
-def eval_batch_size(device):
-    return 5000 if device.type == "cuda" else 1000
-
 
 def evaluate(model, images, labels, ctx, dist=None, max_batches=None):
     """(mean cross-entropy, accuracy) of the model on one split, summed over ranks when distributed."""

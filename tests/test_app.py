@@ -66,9 +66,9 @@ def digits(app_model):
     return [(d, images[np.flatnonzero(right & (labels[:500] == d))[0]]) for d in range(10)]
 
 
-def start_server(args, cwd, log):
+def start_server(args, cwd, log, python=sys.executable):
     """Run app.py with args; returns (process, base URL) once it says where it serves."""
-    proc = subprocess.Popen([sys.executable, str(APP), *args], cwd=cwd, stdout=subprocess.PIPE, stderr=log,
+    proc = subprocess.Popen([python, str(APP), *args], cwd=cwd, stdout=subprocess.PIPE, stderr=log,
                             text=True)
     lines = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
@@ -85,11 +85,12 @@ def start_server(args, cwd, log):
 
 
 @pytest.fixture(scope="module")
-def server(app_model, tmp_path_factory):
-    """A running `python app.py --port 0` with the test model: yields its base URL, e.g. http://127.0.0.1:40123."""
+def server(app_model, tmp_path_factory, python):
+    """A running `python app.py --port 0` with the test model (through the warm `python`: its start-up is not
+    what these tests are about): yields its base URL, e.g. http://127.0.0.1:40123."""
     folder = tmp_path_factory.mktemp("app")
     with open(folder / "server.log", "w") as log:
-        proc, url = start_server(["--model_path", str(app_model), "--port", "0"], folder, log)
+        proc, url = start_server(["--model_path", str(app_model), "--port", "0"], folder, log, python)
         try:
             yield url
         finally:
@@ -373,7 +374,8 @@ def draw(page, digit, place=0):
     box = page.locator("#canvas").bounding_box()
     side = box["height"]
     for path in strokes(digit):
-        path = path[:-1:2] + path[-1:]  # every other pixel: the brush bridges them, and each move costs a round trip
+        path = path[:-1:3] + path[-1:]  # every third pixel: the page draws a line between moves, and each move
+        # costs a round trip to the browser (~50 ms on the 2-core CPU)
         xy = [(box["x"] + (place + (c + 0.5) / 28) * side, box["y"] + (r + 0.5) * side / 28) for r, c in path]
         page.mouse.move(*xy[0])
         page.mouse.down()

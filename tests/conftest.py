@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,19 @@ def pytest_configure(config):
     given = any(arg.startswith(("--dist", "-d")) for arg in config.invocation_params.args)
     if getattr(config.option, "dist", None) == "load" and not given:
         config.option.dist = "worksteal"
+    # The controller starts one warm python server for all the workers (python_bin, below): it imports its
+    # packages while they collect, and ~8 s of imports are paid once, not once a worker. Started before the
+    # workers are, so they inherit where it listens.
+    controller = getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput")
+    if controller and warm_python_works() and SHARED_WARM_SOCKET not in os.environ:
+        config._warm_server = start_warm_server()
+        os.environ[SHARED_WARM_SOCKET] = config._warm_server[1]
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "_warm_server", None):
+        stop_warm_server(*config._warm_server)
+        del os.environ[SHARED_WARM_SOCKET]
 
 
 DURATIONS = "mnist/durations"  # pytest's cache (.pytest_cache): each test's seconds in the last run that ran it
@@ -148,32 +162,62 @@ def python_shim(folder, executable, *args):
     return folder
 
 
-@pytest.fixture(scope="session")
-def python_bin(tmp_path_factory):
-    """A folder whose `python` runs a command as `python` would, but warm (tests/warm_python.py: a server that has
-    imported torch, scikit-learn and matplotlib forks it, saving 3-8 s of imports a command); put first on PATH,
-    or use the `python` fixture below. MNIST_TEST_COLD=1, or a system without fork and UNIX sockets, gives the
-    plain interpreter."""
-    folder = tmp_path_factory.mktemp("bin")
-    if os.environ.get("MNIST_TEST_COLD") or not hasattr(socket, "send_fds") or not hasattr(os, "fork"):
-        yield python_shim(folder, sys.executable)
-        return
+WARM_PYTHON = ROOT / "tests" / "warm_python.py"
+SHARED_WARM_SOCKET = "MNIST_TEST_WARM_SOCKET"  # set by the xdist controller for its workers (pytest_configure)
+
+
+def warm_python_works():
+    return not os.environ.get("MNIST_TEST_COLD") and hasattr(socket, "send_fds") and hasattr(os, "fork")
+
+
+def start_warm_server():
+    """Start tests/warm_python.py's server in the background: (process, socket path). It has imported its packages
+    and answers once wait_for_warm_server says so."""
     sock_dir = tempfile.mkdtemp(prefix="warm-")  # a short path: a UNIX socket's is limited to ~100 characters
     sock = os.path.join(sock_dir, "python.sock")
     # Without the thread settings the server's torch picks a cold start's default; each command then takes
     # its own OMP_NUM_THREADS (under xdist, the worker's share) or that default.
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     # stdin from /dev/null: a pytest-xdist worker's own stdin is its channel to the controller
-    server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "warm_python.py"), "--serve", sock], env=env,
-                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen([sys.executable, str(WARM_PYTHON), "--serve", sock], env=env,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    return server, sock
+
+
+def wait_for_warm_server(sock, server=None, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(sock + ".ready"):
+        assert server is None or server.poll() is None, "the warm python server ended before it was ready"
+        assert time.monotonic() < deadline, f"the warm python server was not ready within {timeout} s"
+        time.sleep(0.05)
+
+
+def stop_warm_server(server, sock):
+    server.terminate()
+    server.wait(timeout=60)
+    shutil.rmtree(os.path.dirname(sock), ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def python_bin(tmp_path_factory):
+    """A folder whose `python` runs a command as `python` would, but warm (tests/warm_python.py: a server that has
+    imported torch, scikit-learn and matplotlib forks it, saving 3-8 s of imports a command); put first on PATH,
+    or use the `python` fixture below. MNIST_TEST_COLD=1, or a system without fork and UNIX sockets, gives the
+    plain interpreter. Under xdist the controller has started one server for every worker (pytest_configure);
+    alone, this session starts its own."""
+    folder = tmp_path_factory.mktemp("bin")
+    if not warm_python_works():
+        yield python_shim(folder, sys.executable)
+        return
+    shared = os.environ.get(SHARED_WARM_SOCKET)
+    server, sock = (None, shared) if shared else start_warm_server()
     try:
-        assert server.stdout.readline().strip() == "ready", "the warm python server did not start"
-        yield python_shim(folder, sys.executable, "-S", ROOT / "tests" / "warm_python.py", "--client", sock,
-                          sys.executable, folder / "python")
+        wait_for_warm_server(sock, server)
+        yield python_shim(folder, sys.executable, "-S", WARM_PYTHON, "--client", sock, sys.executable,
+                          folder / "python")
     finally:
-        server.terminate()
-        server.wait(timeout=60)
-        shutil.rmtree(sock_dir, ignore_errors=True)
+        if server is not None:
+            stop_warm_server(server, sock)
 
 
 @pytest.fixture(scope="session")

@@ -33,9 +33,11 @@ def test_errors_end_as_the_interpreter_ends_them(python, tmp_path):
 
 def test_the_project_is_imported_fresh_and_the_threads_follow_the_environment(python):
     code = "import sys, torch; print('data_loader' in sys.modules, torch.get_num_threads())"
-    for threads in ("1", "2"):
-        done = run(python, code, env=dict(os.environ, OMP_NUM_THREADS=threads))
-        assert done.stdout.split() == ["False", threads], done.stderr
+    plain = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    for settings, threads in (({"OMP_NUM_THREADS": "1"}, "1"), ({"OMP_NUM_THREADS": "2"}, "2"),
+                              ({"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "1"}, "1")):  # torch: MKL's first
+        done = run(python, code, env={**plain, **settings})
+        assert done.stdout.split() == ["False", threads], (settings, done.stderr)
 
 
 def test_signals_reach_the_command_and_a_killed_client_takes_it_along(python, tmp_path):

@@ -15,7 +15,7 @@ MNIST_TEST_COLD=1 makes every command cold (tests/conftest.py).
 Written by hand: multiprocessing's forkserver preloads modules too, but serves only the process that started it,
 and runs Python functions, not command lines with their own streams.
 
-    python tests/warm_python.py --serve SOCKET           the server; prints "ready" once the packages are imported
+    python tests/warm_python.py --serve SOCKET           the server; SOCKET.ready appears once it answers
     python -S tests/warm_python.py --client SOCKET EXECUTABLE SHIM ARGS
                                                      what the `python` shim SHIM runs: ARGS as `python ARGS` would
 
@@ -46,6 +46,7 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 def serve(path):
     """Import PRELOAD, then answer connections on the UNIX socket `path`. Returns only in a forked command's child,
     with the request it is to run; the server and the handlers end in os._exit."""
+    parent = os.getppid()
     import importlib
     for name in PRELOAD:
         try:
@@ -57,10 +58,17 @@ def serve(path):
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)
     server.listen(64)
+    server.settimeout(1.0)  # to look up now and then whether the process that started it is still there
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the handlers are reaped by the kernel
-    print("ready", flush=True)
+    open(path + ".ready", "w").close()
     while True:
-        conn, _ = server.accept()
+        try:
+            conn, _ = server.accept()
+        except TimeoutError:
+            if os.getppid() != parent:  # the test session that started it is gone (killed): so is the server
+                os._exit(0)
+            continue
+        conn.settimeout(None)
         if os.fork() == 0:
             server.close()
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the handler waits for its command
@@ -112,7 +120,8 @@ def run(request):
     os.environ.update(request["env"])
     sys.dont_write_bytecode = bool(os.environ.get("PYTHONDONTWRITEBYTECODE"))  # read at start-up by a cold one
     import torch
-    threads = os.environ.get("OMP_NUM_THREADS")
+    # As torch sets its threads when it starts: MKL_NUM_THREADS if set, else OMP_NUM_THREADS, else its default
+    threads = os.environ.get("MKL_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(int(threads) if threads and threads.isdigit() else request["default_threads"])
     sys.executable = request["executable"]
     if argv[:1] == ["-u"]:  # unbuffered streams, as torchrun starts its workers

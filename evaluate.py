@@ -38,7 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
     p.add_argument("--data_dir", "--data-dir", default=str(PROJECT_DIR / "data"), help="where MNIST lives")
     p.add_argument("--batch_size", "--batch-size", type=int, default=None,
-                   help="test images per forward pass (default: 5000 on CUDA, 256 on a CPU)")
+                   help="test images per forward pass (default: 5000 on CUDA, 256 on a CPU, 1000 on MPS)")
     return p
 
 

@@ -9,8 +9,8 @@ folder, environment and standard streams, and the project's modules imported fre
 Its `sys.executable` is the `python` shim that started it, as a venv's python is for a command run by it, so the
 processes it starts with sys.executable (torchrun's workers, benchmark.py's runs) are warm too. What it does not
 repeat is that those packages import in a cold interpreter; demo.py checks that, the tests that are about a
-process starting (a fresh process's memory, a bad flag, signals, a rank that dies) start cold, and
-MNIST_TEST_COLD=1 makes every command cold (tests/conftest.py).
+process starting (a fresh process's memory, a bad flag, the ONNX artifacts loaded without our code) start cold,
+and MNIST_TEST_COLD=1 makes every command cold (tests/conftest.py).
 
 Written by hand: multiprocessing's forkserver preloads modules too, but serves only the process that started it,
 and runs Python functions, not command lines with their own streams.

@@ -76,8 +76,9 @@ def lr_scale(lr_scaling, world):
     return {"none": 1.0, "sqrt": world ** 0.5, "linear": float(world)}[lr_scaling]
 
 
-def gather_probs(model, images, ctx, dist, batch_size):
-    """predict_probs over all ranks: each scores every world-th image, then all gather the whole (N, 10)."""
+def gather_probs(model, images, ctx, dist, batch_size=None):
+    """predict_probs over all ranks: each scores every world-th image, then all gather the whole (N, 10).
+    batch_size: as predict_probs's (None: eval_batch_size of the images' device)."""
     if not dist.enabled:
         return predict_probs(model, images, ctx, batch_size=batch_size)
     n, world = len(images), dist.world

@@ -39,7 +39,7 @@ from checkpoint import CheckpointError, atomic_save, make_checkpoint, read_check
 from cnn_pytorch import MODELS, build_model, count_parameters
 from common import (PROJECT_DIR, OneLineParser, atomic_write, fail as _fail, memory_format, random_state,
                     set_random_state, synchronize)
-from data_loader import eval_batch_size, predict_probs
+from data_loader import predict_probs
 
 PROG = "train_pytorch.py"
 
@@ -281,8 +281,7 @@ def evaluate(model, images, labels, ctx, dist=None, max_batches=None):
     """(mean cross-entropy, accuracy) of the model on one split, summed over ranks when distributed."""
     dist = dist or distributed.Dist(images.device)
     rank, world = dist.rank, dist.world
-    probs = predict_probs(unwrap(model), images[rank::world], ctx, batch_size=eval_batch_size(images.device),
-                          max_batches=max_batches)
+    probs = predict_probs(unwrap(model), images[rank::world], ctx, max_batches=max_batches)
     labels = labels[rank::world][:len(probs)]
     nll = F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum")
     correct = (probs.argmax(1) == labels).sum()
@@ -645,7 +644,7 @@ def finish(run, wall_start):
     if not args.no_test:
         best = torch.load(run.best_path, map_location="cpu", weights_only=True)
         run.model.load_state_dict(best["state_dict"])
-        probs = distributed.gather_probs(run.model, run.test[0], run.ctx, dist, eval_batch_size(run.device))
+        probs = distributed.gather_probs(run.model, run.test[0], run.ctx, dist)
     if not dist.is_main:
         return 0
     write_history_csv(state.history, run.save_dir / f"history_{args.model}.csv")

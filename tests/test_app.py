@@ -66,7 +66,7 @@ def digits(app_model):
     return [(d, images[np.flatnonzero(right & (labels[:500] == d))[0]]) for d in range(10)]
 
 
-def start_server(args, cwd, log, python=sys.executable):
+def start_server(args, cwd, log, python):
     """Run app.py with args; returns (process, base URL) once it says where it serves."""
     proc = subprocess.Popen([python, str(APP), *args], cwd=cwd, stdout=subprocess.PIPE, stderr=log,
                             text=True)

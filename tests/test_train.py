@@ -16,9 +16,9 @@ from conftest import DEVICE, ROOT
 SCRIPT = str(ROOT / "train_pytorch.py")
 
 
-def run(*flags, timeout=300):
+def run(*flags):
     """The command in a process of its own, as a person runs it."""
-    return subprocess.run([sys.executable, SCRIPT, *flags], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, SCRIPT, *flags], capture_output=True, text=True, timeout=300)
 
 
 def run_here(capsys, *flags):

@@ -70,8 +70,8 @@ def assert_finished_once_each(study, n):
     return done
 
 
-def start(*flags, log, python=sys.executable):
-    """The command in the background. Through the warm `python`, a kill of the process the test holds is passed on
+def start(*flags, log, python):
+    """The command in the background, run by `python` (the fixture). Through the warm `python`, a kill of the process the test holds is passed on
     as a SIGKILL of the command within 50 ms (tests/warm_python.py): the command still dies without a word."""
     return subprocess.Popen([python, SCRIPT, *flags], stdout=log, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)

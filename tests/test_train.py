@@ -214,7 +214,8 @@ def test_accurate_preset_trains_improved_with_strong_augmentation_and_label_smoo
     """--preset accurate on a slice of MNIST: the recipe lands in the checkpoint, and it learns (scored on 1,000
     validation images: the improved CNN on the 10,000 test images would cost this test most of its time)."""
     code, _, err = run_here(capsys, "--preset", "accurate", "--epochs", "1", "--train_subset", "3000", "--val_size",
-                            "1000", "--no_test", "--device", DEVICE, "--no_progress", "--save_dir", str(tmp_path))
+                            "1000", "--no_test", "--device", DEVICE, "--no_progress", "--no_plots", "--save_dir",
+                            str(tmp_path))
     assert code == 0, err
     ckpt = torch.load(tmp_path / "best_model_improved_pt.pth", weights_only=True)
     args = ckpt["args"]
@@ -355,7 +356,7 @@ def test_warm_up_leaves_no_trace_in_the_run_that_follows(deterministic):
     check_warm_up_leaves_no_trace("improved")  # batch norm, dropout, augmentation; compiled: in the --compile test
 
 
-STEPS = 25  # 10 steps an epoch: the counter wraps through the order as it does in training
+STEPS = 15  # 10 steps an epoch: the counter wraps through the order as it does in training
 
 
 def fast_steps(capture):
@@ -453,7 +454,8 @@ def test_compile_is_timed_apart_leaves_no_trace_and_trains_like_the_eager_model(
     One test for both, on one graph (the tiny model, batches of 128): the second compile of it is read from
     inductor's cache. As two tests on two xdist workers, each compiled its own graph cold (~30 s each on the 2-core
     CPU, with a fresh cache)."""
-    flags = ["--preset", "fast", "--train_subset", "2000", "--device", DEVICE, "--no_progress", "--no_plots"]
+    flags = ["--preset", "fast", "--train_subset", "2000", "--no_test", "--device", DEVICE, "--no_progress",
+             "--no_plots"]
     assert train_pytorch.main([*flags, "--save_dir", str(tmp_path / "eager")]) == 0
     assert "not counted as training time" not in capsys.readouterr().out or DEVICE == "cuda"
     assert train_pytorch.main([*flags, "--compile", "--save_dir", str(tmp_path / "compiled")]) == 0

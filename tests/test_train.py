@@ -329,11 +329,11 @@ def take_steps(model, batches, step, n):
         step()
 
 
-def check_warm_up_leaves_no_trace(model_name, compiled=False, batch_size=64):
+def check_warm_up_leaves_no_trace(model_name, compiled=False, augment="standard", batch_size=64):
     """Warm-up steps (and, on CUDA, the capture) change weights, batch-norm statistics, Adam's moments, the step
     counter and the random state; all of it must be put back, with the compiled model when the run compiles."""
     import fast_step
-    model, optimizer, batches, step = make_step(model_name, compiled, batch_size=batch_size)
+    model, optimizer, batches, step = make_step(model_name, compiled, augment, batch_size=batch_size)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state(), torch.cuda.get_rng_state() if DEVICE == "cuda" else None
     graph, _ = fast_step.warm_up(step, model, optimizer, step.counter)
@@ -346,7 +346,7 @@ def check_warm_up_leaves_no_trace(model_name, compiled=False, batch_size=64):
     warmed = {k: v.clone() for k, v in model.state_dict().items()}
     moments = [s["exp_avg_sq"].clone() for s in optimizer.state.values()]
 
-    model, optimizer, batches, step = make_step(model_name, compiled, batch_size=batch_size)  # never warmed up
+    model, optimizer, batches, step = make_step(model_name, compiled, augment, batch_size=batch_size)  # not warmed up
     take_steps(model, batches, step, 5)
     assert all(torch.equal(warmed[k], v) for k, v in model.state_dict().items())
     assert all(torch.equal(a, s["exp_avg_sq"]) for a, s in zip(moments, optimizer.state.values()))
@@ -451,24 +451,26 @@ def test_compile_is_timed_apart_leaves_no_trace_and_trains_like_the_eager_model(
     """--compile compiles in the warm-up, before the clock starts, and reports that time on its own; the warm-up
     of the compiled model leaves no trace, as the eager one's does (above).
 
-    One test for both, on one graph (the tiny model, batches of 128): the second compile of it is read from
-    inductor's cache. As two tests on two xdist workers, each compiled its own graph cold (~30 s each on the 2-core
-    CPU, with a fresh cache)."""
-    flags = ["--preset", "fast", "--train_subset", "2000", "--no_test", "--device", DEVICE, "--no_progress",
+    One test for both, on one graph, so that the check's compiles are read from inductor's cache: as two tests on
+    two xdist workers, each compiled a graph of its own cold (~30 s each on the 2-core CPU, with a fresh cache).
+    A graph is keyed on more than the model: the batch's shape and strides (the tiny model, unaugmented batches of
+    128, as --preset fast trains; augmented ones are laid out otherwise) and the deterministic setting. So the check
+    trains unaugmented, and the random state's return is held by the eager test above, whose augmentation and
+    dropout draw from it."""
+    flags = ["--preset", "fast", "--train_subset", "2000", "--deterministic", "--device", DEVICE, "--no_progress",
              "--no_plots"]
-    assert train_pytorch.main([*flags, "--save_dir", str(tmp_path / "eager")]) == 0
-    assert "not counted as training time" not in capsys.readouterr().out or DEVICE == "cuda"
-    assert train_pytorch.main([*flags, "--compile", "--save_dir", str(tmp_path / "compiled")]) == 0
-    assert "compiled (default) in" in capsys.readouterr().out
+    with deterministic_kernels():  # put back off afterwards: main() leaves the setting as --deterministic asked
+        assert train_pytorch.main([*flags, "--save_dir", str(tmp_path / "eager")]) == 0
+        assert "not counted as training time" not in capsys.readouterr().out or DEVICE == "cuda"
+        assert train_pytorch.main([*flags, "--compile", "--save_dir", str(tmp_path / "compiled")]) == 0
+        assert "compiled (default) in" in capsys.readouterr().out
+        check_warm_up_leaves_no_trace("tiny", compiled=True, augment=False, batch_size=128)
     e, c = (json.loads((tmp_path / name / "metrics_tiny.json").read_text()) for name in ("eager", "compiled"))
     assert e["compile_seconds"] == 0 and c["warmup_seconds"] == c["compile_seconds"] > 0
     (e_row,), (c_row,) = (list(csv.DictReader(open(tmp_path / name / "history_tiny.csv")))
                           for name in ("eager", "compiled"))
     assert float(c_row["train_loss"]) == pytest.approx(float(e_row["train_loss"]), rel=0.02)
     assert float(c_row["val_acc"]) == pytest.approx(float(e_row["val_acc"]), abs=0.005)
-
-    with deterministic_kernels():  # main() above sets them off, as a run without --deterministic does
-        check_warm_up_leaves_no_trace("tiny", compiled=True, batch_size=128)
 
 
 def history_of(save_dir, model="tiny"):

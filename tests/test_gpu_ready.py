@@ -14,7 +14,7 @@ from conftest import ROOT
 
 SCRIPT = str(ROOT / "train_pytorch.py")
 TINY = ["--model", "tiny", "--train_subset", "1000", "--val_size", "500", "--epochs", "1", "--device", "cpu",
-        "--no_progress", "--no_plots"]
+        "--no_progress", "--no_plots", "--no_test"]
 
 
 # Apple's MPS, decided where the device is decided (no Mac here: these are the decisions themselves).

@@ -213,7 +213,7 @@ def test_fast_preset_trains_the_tiny_model_to_99_percent_in_one_epoch(tmp_path, 
 def test_accurate_preset_trains_improved_with_strong_augmentation_and_label_smoothing(tmp_path, capsys):
     """--preset accurate on a slice of MNIST: the recipe lands in the checkpoint, and it learns (scored on 1,000
     validation images: the improved CNN on the 10,000 test images would cost this test most of its time)."""
-    code, _, err = run_here(capsys, "--preset", "accurate", "--epochs", "1", "--train_subset", "3000", "--val_size",
+    code, _, err = run_here(capsys, "--preset", "accurate", "--epochs", "1", "--train_subset", "2000", "--val_size",
                             "1000", "--no_test", "--device", DEVICE, "--no_progress", "--no_plots", "--save_dir",
                             str(tmp_path))
     assert code == 0, err
@@ -221,7 +221,7 @@ def test_accurate_preset_trains_improved_with_strong_augmentation_and_label_smoo
     args = ckpt["args"]
     assert ckpt["model"] == "improved" and args["strong_augment"] is True and args["label_smoothing"] == 0.1
     assert args["patience"] == 0 and args["epochs"] == 1  # an explicit flag still wins over the preset
-    assert ckpt["val_accuracy"] > 0.9  # measured: 93.3%
+    assert ckpt["val_accuracy"] > 0.8  # measured: 85.9% (one epoch of 2,000 images; chance is 10%)
 
 
 @pytest.mark.slow
@@ -231,7 +231,7 @@ def test_equal_validation_accuracy_keeps_the_epoch_with_the_lower_validation_los
     real = train_pytorch.evaluate
     monkeypatch.setattr(train_pytorch, "evaluate", lambda *a, **k: (real(*a, **k), next(scores))[1])
     code = train_pytorch.main(["--train_subset", "1000", "--val_size", "500", "--epochs", "3", "--device", DEVICE,
-                               "--no_progress", "--no_plots", "--save_dir", str(tmp_path)])
+                               "--no_progress", "--no_plots", "--no_test", "--save_dir", str(tmp_path)])
     assert code == 0
     assert torch.load(tmp_path / "best_model_simple_pt.pth", weights_only=True)["epoch"] == 2
 

@@ -17,7 +17,7 @@ SCRIPT = str(ROOT / "train_pytorch.py")
 # Plain SGD, because Adam divides by the gradient's own size and so blows float rounding up to visible differences
 # in weights whose gradient is near zero (measured: up to 0.05 after 46 steps, for the same 94.2% accuracy).
 FLAGS = ["--model", "simple", "--dropout", "0", "--no_augment", "--lr_scaling", "none", "--optimizer", "sgd",
-         "--learning_rate", "0.02", "--scheduler", "none", "--train_subset", "6000", "--epochs", "1", "--device",
+         "--learning_rate", "0.02", "--scheduler", "none", "--train_subset", "3000", "--epochs", "1", "--device",
          "cpu", "--no_progress", "--no_plots"]
 
 
@@ -42,8 +42,8 @@ def test_torchrun_two_processes_match_a_single_process_run(tmp_path, mnist_split
     assert not any(k.startswith("module.") for k in ckpt["state_dict"])
     single = torch.load(tmp_path / "single" / "best_model_simple_pt.pth", weights_only=True)
     for k, v in single["state_dict"].items():  # the same weights, up to float rounding of the gradient average
-        assert torch.allclose(ckpt["state_dict"][k], v, rtol=0, atol=2e-4), k  # measured: 3e-5 at most
-    assert ckpt["test_accuracy"] > 0.9
+        assert torch.allclose(ckpt["state_dict"][k], v, rtol=0, atol=2e-4), k  # measured: 1.2e-7 at most
+    assert ckpt["test_accuracy"] > 0.7  # it learned (measured: 76.0% after 23 steps; chance is 10%)
 
     # The reduced test accuracy is the accuracy of the saved model on the whole test set.
     import data_loader

@@ -241,14 +241,14 @@ def test_bf16_autocast_path_trains_on_the_cpu_too(tmp_path, capsys):
     """--amp is the default on CUDA; running it on the CPU keeps that code path tested without a GPU. Scored on
     1,000 validation images: bf16 is slow on a CPU without bf16 units, and the 10,000 test images would cost
     this test most of its time (test scoring under autocast is in the float64 test below)."""
-    code, out, err = run_here(capsys, "--preset", "fast", "--amp", "--train_subset", "4000", "--val_size", "1000",
+    code, out, err = run_here(capsys, "--preset", "fast", "--amp", "--train_subset", "3000", "--val_size", "1000",
                               "--no_test", "--device", DEVICE, "--no_progress", "--no_plots", "--save_dir",
                               str(tmp_path))
     assert code == 0, err
     assert "amp bf16" in out
     ckpt = torch.load(tmp_path / "best_model_tiny_pt.pth", weights_only=True)
     assert all(v.dtype in (torch.float32, torch.int64) for v in ckpt["state_dict"].values())  # weights stay fp32
-    assert ckpt["val_accuracy"] > 0.9  # measured: 94.6%
+    assert ckpt["val_accuracy"] > 0.85  # measured: 90.3% (one epoch of 3,000 images)
 
 
 @pytest.mark.slow

@@ -60,7 +60,7 @@ def test_a_rank_that_dies_makes_the_other_exit_with_a_message_not_hang(tmp_path,
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([python, SCRIPT, "--train_subset", "6000", "--epochs", "4",
+        procs.append(subprocess.Popen([python, SCRIPT, "--train_subset", "2000", "--val_size", "1000", "--epochs", "4",
                                        "--device", "cpu", "--no_progress", "--no_plots", "--save_dir", str(tmp_path),
                                        "--dist_timeout", "60"],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))

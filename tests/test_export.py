@@ -52,7 +52,8 @@ def exported(small_checkpoint, tmp_path_factory):
     """All three artifacts of the small checkpoint, written by the export command itself (once for all workers)."""
     def export_all(out):
         assert run_export(["--model_path", small_checkpoint, "--format", "all", "--output_dir", out,
-                           "--eval_images", N_EVAL, "--bench_seconds", 0, "--threads", 1]) == 0
+                           "--eval_images", N_EVAL, "--calibration_images", 200, "--bench_seconds", 0,
+                           "--threads", 1]) == 0
     return made_once(tmp_path_factory, "export", export_all)
 
 

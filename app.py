@@ -39,9 +39,11 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+import number_judge
 from checkpoint import CheckpointError, load_checkpoint, model_path_or_default
 from common import PROJECT_DIR, OneLineParser
 from preprocess import ImageError, NoDigitError, image_to_mnist, mnist_to_image, read_number
@@ -78,6 +80,7 @@ class Predictor:
         self.path = Path(model_path)
         self.mean = self.ckpt["normalization"]["mean"]
         self.std = self.ckpt["normalization"]["std"]
+        self.judge = number_judge.judge_for(None, device)  # the shipped number judge, when it is there
         self.lock = threading.Lock()  # pictures are prepared in parallel; the forward pass goes one at a time
 
     def info(self):
@@ -86,10 +89,14 @@ class Predictor:
                 "test_accuracy": acc if isinstance(acc, float) else None, "device": str(self.device)}
 
     def classify(self, pixels):
-        """preprocess.read_number's classifier: pixels (N, 28, 28) in [0, 1] -> (N, 10) probabilities."""
+        """preprocess.read_number's classifier: pixels (N, 28, 28) in [0, 1] -> (N, 10) probabilities, and the
+        number judge's P(not one digit) as an eleventh column when there is a judge."""
         x = (torch.from_numpy(pixels) - self.mean) / self.std
         with self.lock, torch.inference_mode():
-            return self.model(x.unsqueeze(1).to(self.device)).float().softmax(1).cpu().numpy()
+            probs = self.model(x.unsqueeze(1).to(self.device)).float().softmax(1).cpu().numpy()
+            if self.judge is None:
+                return probs
+            return np.concatenate([probs, number_judge.not_one_digit(self.judge, pixels, self.device)[:, None]], 1)
 
     def read_number(self, body):
         """Picture bytes -> the /read_number answer (the same errors as predict)."""

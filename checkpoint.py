@@ -34,7 +34,7 @@ MODEL_ARG_RULES = {
     "channels": (int, 1, 4096),
     "hidden": (int, 1, 4096),
     "dropout": (float, 0.0, 1.0),  # [0, 1): nn.Dropout(1.0) would zero every activation
-    "num_classes": (int, 10, 10),  # the ten digits: every command reads ten probabilities
+    "num_classes": (int, 10, 11),  # the ten digits; number_judge.py's judge adds "not one digit"
 }
 
 
@@ -75,7 +75,7 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
-def make_checkpoint(model, model_name, normalization, model_args=None, **info):
+def make_checkpoint(model, model_name, normalization, model_args=None, classes=CLASSES, **info):
     """The checkpoint dict: everything needed to rebuild and use the model without flags.
 
     normalization: {"mean", "std"} of the inputs the model was trained on (data_loader.NORMALIZATION): the data
@@ -88,15 +88,15 @@ def make_checkpoint(model, model_name, normalization, model_args=None, **info):
         "model_args": _plain(model_args or {}),
         "state_dict": {k: v.detach().cpu() for k, v in plain.state_dict().items()},
         "normalization": {"mean": float(normalization["mean"]), "std": float(normalization["std"])},
-        "classes": list(CLASSES),
+        "classes": list(classes),
         "torch_version": torch.__version__.split("+")[0],
         **_plain(info),
     }
 
 
-def save_checkpoint(path, model, model_name, normalization, model_args=None, **info):
+def save_checkpoint(path, model, model_name, normalization, model_args=None, classes=CLASSES, **info):
     """Write a model checkpoint atomically; info (epoch, val_accuracy, args, ...) is stored alongside."""
-    atomic_save(make_checkpoint(model, model_name, normalization, model_args, **info), path)
+    atomic_save(make_checkpoint(model, model_name, normalization, model_args, classes, **info), path)
 
 
 # A model file is data from a stranger. weights_only=True stops code; the checks below stop the rest before
@@ -280,15 +280,19 @@ def _is_real(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_info(path, ckpt):
+def _check_info(path, ckpt, expected_classes=CLASSES):
     """What the commands read besides the weights: the normalisation, the classes and the numbers they print."""
     norm = ckpt.get("normalization")
     if not (isinstance(norm, dict) and _is_real(norm.get("mean")) and _is_real(norm.get("std"))
             and norm["std"] > 0):
         raise _refuse(path, f"its normalization {_show(norm)} is not {{'mean': number, 'std': positive number}}")
     classes = ckpt.get("classes")
-    if not (isinstance(classes, list) and len(classes) == len(CLASSES) and all(isinstance(c, str) for c in classes)):
-        raise _refuse(path, f"its classes {_show(classes)} are not a list of {len(CLASSES)} names")
+    if not (isinstance(classes, list) and len(classes) == len(expected_classes)
+            and all(isinstance(c, str) for c in classes)):
+        raise _refuse(path, f"its classes {_show(classes)} are not a list of {len(expected_classes)} names")
+    if ckpt["model_args"].get("num_classes", len(CLASSES)) != len(expected_classes):
+        raise _refuse(path, f"its model has {ckpt['model_args']['num_classes']} outputs, not "
+                            f"{len(expected_classes)} ({', '.join(expected_classes[:2])}, ...)")
     for key in _REAL_INFO + _INT_INFO:
         value = ckpt.get(key)
         ok = value is None or (_is_real(value) and (key not in _INT_INFO or isinstance(value, int)))
@@ -317,8 +321,9 @@ def _in_memory(value):
     return value
 
 
-def read_checkpoint(path):
-    """Load a checkpoint dict safely and check it; CheckpointError (one line) for anything else.
+def read_checkpoint(path, classes=CLASSES):
+    """Load a checkpoint dict safely and check it; CheckpointError (one line) for anything else. classes: what
+    the model's outputs must mean (the ten digits; number_judge.py's judge has an eleventh).
 
     Weights only (a file from a stranger can never run code), the archive measured before it is read, and the
     weights checked against the model their arguments describe before anything that size is allocated.
@@ -337,7 +342,7 @@ def read_checkpoint(path):
     model_args = ckpt.setdefault("model_args", {})
     check_model_args(path, name, model_args)
     _check_weights(path, name, model_args, ckpt.get("state_dict"))
-    _check_info(path, ckpt)
+    _check_info(path, ckpt, classes)
     return _in_memory(ckpt)
 
 
@@ -348,9 +353,9 @@ def check_model_type(path, found, expected):
                               f"matching one")
 
 
-def load_checkpoint(path, device="cpu", expected_model=None):
+def load_checkpoint(path, device="cpu", expected_model=None, classes=CLASSES):
     """Rebuild the model of a checkpoint in eval mode on `device`: returns (model, checkpoint dict)."""
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, classes)
     check_model_type(path, ckpt["model"], expected_model)
     model = build_model(ckpt["model"], **ckpt["model_args"])  # checked: the weights fit, nothing oversized
     try:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import number_judge
 import preprocess
 from checkpoint import CheckpointError, load_checkpoint, model_path_or_default
 from common import OneLineParser, fail, first_line
@@ -40,6 +41,9 @@ def parse_args():
     p.add_argument("--recipe", choices=("reader", "plain"), default="reader",
                    help="reader: preprocess.read_number (predict.py --number); plain: threshold, components, "
                         "sort by x, classify each")
+    p.add_argument("--judge", metavar="PATH", default=None,
+                   help="the reader's number judge (default: pretrained/number_judge.pth when it is there; none: "
+                        "read without one, as before it existed)")
     p.add_argument("--digits_known", "--digits-known", action="store_true",
                    help="tell the reader how many digits each number has (predict.py --digits)")
     p.add_argument("--json", action="store_true", help="print the table as one JSON object")
@@ -160,9 +164,11 @@ def main(argv=None):
     try:
         model_path = model_path_or_default(args.model_path)
         model, ckpt = load_checkpoint(model_path)
+        judge = number_judge.judge_for(args.judge) if args.recipe == "reader" else None
     except CheckpointError as err:
         fail("evaluate_numbers.py", err, 2)
     classify = make_classifier(model, ckpt["normalization"]["mean"], ckpt["normalization"]["std"])
+    classify = number_judge.with_judge(classify, judge)
     torch.set_grad_enabled(False)
     if args.time:
         try:
@@ -182,9 +188,12 @@ def main(argv=None):
         fail("evaluate_numbers.py", f"no pictures in {args.folder}", 1)
     if args.json:
         print(json.dumps({"folder": str(args.folder), "recipe": args.recipe, "model": str(model_path),
+                          "judge": str(args.judge or number_judge.PRETRAINED_JUDGE) if judge is not None else None,
                           "kinds": table}))
         return 0
-    print(f"{args.recipe} recipe, model {model_path}, {args.folder} ({time.perf_counter() - started:.0f} s)")
+    judged = f", judge {args.judge or number_judge.PRETRAINED_JUDGE}" if judge is not None else ", no judge"
+    print(f"{args.recipe} recipe, model {model_path}{judged if args.recipe == 'reader' else ''}, {args.folder} "
+          f"({time.perf_counter() - started:.0f} s)")
     print(f"{'kind':<20} {'n':>5} {'string acc':>11} {'digit acc':>10} {'wrong count':>12}")
     for kind, r in table.items():
         print(f"{kind:<20} {r['n']:>5} {r['string_accuracy'] * 100:>10.1f}% {r['digit_accuracy'] * 100:>9.1f}% "

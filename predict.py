@@ -61,6 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--digits", type=int, default=None, metavar="N",
                    help="with --number: the number has exactly N digits (all lines together); the reader cuts or "
                         "joins to find that many")
+    p.add_argument("--judge", metavar="PATH", default=None,
+                   help="with --number: the number judge that tells whole digits from pieces of touching ones "
+                        "(default: pretrained/number_judge.pth when it is there; none: read without one)")
     p.add_argument("--annotate", metavar="DIR", default=None,
                    help="with --number: write a copy of each picture into DIR with each digit's box and reading "
                         "drawn over it (low-confidence digits in orange)")
@@ -78,8 +81,8 @@ def check_args(parser, args):
         parser.error(f"--low_confidence must be between 0 and 1, got {args.low_confidence}")
     if args.batch_size < 1:
         parser.error(f"--batch_size must be at least 1, got {args.batch_size}")
-    if (args.digits is not None or args.annotate is not None) and not args.number:
-        parser.error("--digits and --annotate go with --number")
+    if (args.digits is not None or args.annotate is not None or args.judge is not None) and not args.number:
+        parser.error("--digits, --judge and --annotate go with --number")
     if args.digits is not None and not 1 <= args.digits <= preprocess.MAX_DIGITS:
         parser.error(f"--digits must be between 1 and {preprocess.MAX_DIGITS}, got {args.digits}")
     if args.number and (args.save_preprocessed is not None or args.top_k != 1):
@@ -309,6 +312,14 @@ def main(argv=None):
         print(f"predict.py: error: {err}", file=sys.stderr)
         return 2
     mean, std = ckpt["normalization"]["mean"], ckpt["normalization"]["std"]
+    if args.number:
+        import number_judge  # only --number needs it
+        try:
+            classify = number_judge.with_judge(make_classifier(model, device, mean, std),
+                                               number_judge.judge_for(args.judge, device), device)
+        except CheckpointError as err:
+            print(f"predict.py: error: --judge: {err}", file=sys.stderr)
+            return 2
     if not args.model_path and not args.json:
         acc = ckpt.get("test_accuracy")
         print(f"model: {model_path} ({ckpt['model']}"
@@ -319,7 +330,7 @@ def main(argv=None):
     used_names, failed = set(), 0
     with torch.inference_mode():
         if args.number:
-            failed = read_numbers(inputs, make_classifier(model, device, mean, std), args)
+            failed = read_numbers(inputs, classify, args)
         for start in range(0, 0 if args.number else len(inputs), args.batch_size):
             chunk = inputs[start:start + args.batch_size]
             for path, probs, error in predict_chunk(model, device, chunk, mean, std, out_dir, used_names):

@@ -552,6 +552,7 @@ SEGMENT_COST_WIDE = 0.0
 # of them right, 10 to 1 52%, 6.7 53%, 4 56.5%, 3 56%, 2.7 56%, 2.5 54.5%; both 40 and 4 together 55.5%.
 SEAM_INK, SEAM_STEP = 20.0, 0.5
 SEAM_INK_SEVERAL, SEAM_STEP_SEVERAL = 6.0, 1.5
+JUDGE_WEIGHT = 1.0       # how much the judge's 'one whole digit' log-probability counts in the choice
 
 
 class TooManyDigitsError(ImageError):
@@ -825,6 +826,14 @@ def _seams_ending_at(cost, ends, step_cost):
     return paths
 
 
+def candidate_mask(found, cluster, box, left, right):
+    """The ink of a cluster between two seams, as a bool mask over the cluster's box (y0, y1, x0, x1) of the map."""
+    y0, y1, x0, x1 = box
+    cols = np.arange(x1 - x0)[None, :]
+    between = (cols >= left[:, None]) & (cols < right[:, None])
+    return np.isin(found.labels[y0:y1, x0:x1], [p.label for p in cluster]) & between
+
+
 def _candidate(found, height, cluster, box, left, right, typical=None):
     """The ink of a cluster between two seams: (28x28 pixels, box y0 y1 x0 x1 on the map, prior) or None.
 
@@ -833,10 +842,7 @@ def _candidate(found, height, cluster, box, left, right, typical=None):
     SEGMENT_COST, so that a digit is not read as two slivers that each look like a 1.
     """
     y0, y1, x0, x1 = box
-    window = found.labels[y0:y1, x0:x1]
-    cols = np.arange(x1 - x0)[None, :]
-    between = (cols >= left[:, None]) & (cols < right[:, None])
-    mask = np.isin(window, [p.label for p in cluster]) & between
+    mask = candidate_mask(found, cluster, box, left, right)
     if mask.sum() < 3:
         return None
     ry, rx = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
@@ -920,14 +926,31 @@ def _best_chain(cuts, scores, count=None):
     return total, chain[::-1]
 
 
-def read_number(source, classify, digits=None, max_digits=MAX_DIGITS):
-    """A picture of a number (or several, one per line) -> NumberReading, lines top to bottom.
+@dataclass
+class NumberCandidates:
+    """Every way read_number considers of cutting a picture's ink into digits, before any is classified.
 
-    classify: pixels (N, 28, 28) float32 in [0, 1], white on black -> (N, 10) probabilities (any array-like);
-    it is called once, with every candidate digit of the picture. digits: the number of digits there are
-    (all lines together); the reader cuts or joins to find exactly that many. Raises ImageError (one line) for
-    an unreadable picture, NoDigitError when it holds no ink and TooManyDigitsError past max_digits.
-    """
+    pixels: (N, 28, 28) float32, each candidate fitted and centred like an MNIST digit; boxes: their boxes
+    (y0, y1, x0, x1) on the ink map; keys: (cluster index, i, j), the candidate between seams i and j of that
+    cluster; priors: their log-prior by size (see _candidate); problems: the clusters (line, parts, cuts, digit
+    height, typical width); marks: (line, "." or "-", part); found: the ink map; size: the picture's size."""
+    pixels: np.ndarray
+    boxes: list
+    keys: list
+    priors: np.ndarray
+    problems: list
+    marks: list
+    found: _Ink
+    size: tuple
+
+    def picture_box(self, k):
+        """Candidate k's box in the picture's own pixels: (x0, y0, x1, y1), x1 and y1 exclusive."""
+        return _picture_box(self.boxes[k], self.found.scale, self.size)
+
+
+def number_candidates(source, digits=None, max_digits=MAX_DIGITS):
+    """A picture of a number -> NumberCandidates: its lines, clusters, seams and the candidate digits between
+    them (the first half of read_number, which the number judge's training reuses). Raises as read_number."""
     img = open_image(source)
     size = tuple(img.info.get("full_size", img.size))
     plane, ink_is_alpha = _grey_plane(img)
@@ -935,7 +958,7 @@ def read_number(source, classify, digits=None, max_digits=MAX_DIGITS):
     parts = _find_parts(found)
     if parts and not all(p.edge for p in parts):
         parts = [p for p in parts if not p.edge]  # a table edge or dark margin beside the page
-    problems = []  # (line index, cluster, cuts, height)
+    problems = []  # (line index, cluster, cuts, height, typical)
     marks = []     # (line index, char, part)
     for li, (height, group) in enumerate(_group_lines(parts)):
         kept, line_marks = _classify_marks(height, group)
@@ -970,20 +993,38 @@ def read_number(source, classify, digits=None, max_digits=MAX_DIGITS):
                                              f"{MAX_CANDIDATES} ways to cut it): not a number")
     if not pixels:
         raise NoDigitError("no digits found")
-    probs = np.asarray(classify(np.stack(pixels)), dtype=np.float64).reshape(len(pixels), 10)
+    return NumberCandidates(np.stack(pixels), boxes, keys, np.asarray(priors), problems, marks, found, size)
+
+
+def read_number(source, classify, digits=None, max_digits=MAX_DIGITS):
+    """A picture of a number (or several, one per line) -> NumberReading, lines top to bottom.
+
+    classify: pixels (N, 28, 28) float32 in [0, 1], white on black -> (N, 10) probabilities (any array-like);
+    it is called once, with every candidate digit of the picture. It may return an 11th column: the
+    probability that the candidate is not one whole digit (a piece, two touching digits), as number_judge.py's
+    judge gives; the choice then weighs each candidate by it (JUDGE_WEIGHT). digits: the number of digits
+    there are (all lines together); the reader cuts or joins to find exactly that many. Raises ImageError (one
+    line) for an unreadable picture, NoDigitError when it holds no ink and TooManyDigitsError past max_digits.
+    """
+    cands = number_candidates(source, digits, max_digits)
+    n = len(cands.keys)
+    out = np.asarray(classify(cands.pixels), dtype=np.float64).reshape(n, -1)
+    probs = out[:, :10]
     best = probs.argmax(1)
-    logp = np.log(np.maximum(probs[np.arange(len(best)), best], 1e-12)) + np.asarray(priors)
+    logp = np.log(np.maximum(probs[np.arange(n), best], 1e-12)) + cands.priors
+    if out.shape[1] == 11:  # the judge: how likely the candidate is one whole digit
+        logp += JUDGE_WEIGHT * np.log(np.maximum(1.0 - out[:, 10], 1e-12))
     table = {}
-    for k, (n, i, j) in enumerate(keys):
-        table.setdefault(n, {})[(i, j)] = (k, float(logp[k]))
-    chains = _choose_counts(problems, table, digits)
+    for k, (c, i, j) in enumerate(cands.keys):
+        table.setdefault(c, {})[(i, j)] = (k, float(logp[k]))
+    chains = _choose_counts(cands.problems, table, digits)
     read = {}
-    for n, chain in chains.items():
-        li = problems[n][0]
+    for c, chain in chains.items():
+        li = cands.problems[c][0]
         for i, j in chain:
-            k = table[n][(i, j)][0]
-            read.setdefault(li, []).append((boxes[k], str(int(best[k])), float(probs[k, best[k]])))
-    for li, char, p in marks:
+            k = table[c][(i, j)][0]
+            read.setdefault(li, []).append((cands.boxes[k], str(int(best[k])), float(probs[k, best[k]])))
+    for li, char, p in cands.marks:
         read.setdefault(li, []).append(((p.y0, p.y1 + 1, p.x0, p.x1 + 1), char, 1.0))
     total = sum(len(v) for v in read.values())
     if total > max_digits:
@@ -991,8 +1032,9 @@ def read_number(source, classify, digits=None, max_digits=MAX_DIGITS):
     lines = []
     for li in sorted(read):
         line = sorted(read[li], key=lambda r: r[0][2] + r[0][3])
-        lines.append([ReadDigit(char, prob, _picture_box(box, found.scale, size)) for box, char, prob in line])
-    return NumberReading(lines, size)
+        lines.append([ReadDigit(char, prob, _picture_box(box, cands.found.scale, cands.size))
+                      for box, char, prob in line])
+    return NumberReading(lines, cands.size)
 
 
 def _picture_box(box, scale, size):

@@ -39,7 +39,6 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
@@ -89,18 +88,20 @@ class Predictor:
                 "test_accuracy": acc if isinstance(acc, float) else None, "device": str(self.device)}
 
     def classify(self, pixels):
-        """preprocess.read_number's classifier: pixels (N, 28, 28) in [0, 1] -> (N, 10) probabilities, and the
-        number judge's P(not one digit) as an eleventh column when there is a judge."""
+        """preprocess.read_number's classifier: pixels (N, 28, 28) in [0, 1] -> (N, 10) probabilities."""
         x = (torch.from_numpy(pixels) - self.mean) / self.std
         with self.lock, torch.inference_mode():
-            probs = self.model(x.unsqueeze(1).to(self.device)).float().softmax(1).cpu().numpy()
-            if self.judge is None:
-                return probs
-            return np.concatenate([probs, number_judge.not_one_digit(self.judge, pixels, self.device)[:, None]], 1)
+            return self.model(x.unsqueeze(1).to(self.device)).float().softmax(1).cpu().numpy()
+
+    def judge_candidates(self, pixels, context):
+        """read_number's judge: the shipped number judge, one forward pass at a time like the classifier."""
+        with self.lock:
+            return self.judge(pixels, context)
 
     def read_number(self, body):
         """Picture bytes -> the /read_number answer (the same errors as predict)."""
-        reading = read_number(self.open(body), self.classify)
+        reading = read_number(self.open(body), self.classify,
+                              judge=self.judge_candidates if self.judge is not None else None)
         return {"number": reading.number, "confidence": round(reading.confidence, 6), "lines": reading.numbers,
                 "digits": [{"digit": d.digit, "probability": round(d.probability, 6), "box": list(d.box)}
                            for line in reading.lines for d in line]}

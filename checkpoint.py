@@ -35,6 +35,7 @@ MODEL_ARG_RULES = {
     "hidden": (int, 1, 4096),
     "dropout": (float, 0.0, 1.0),  # [0, 1): nn.Dropout(1.0) would zero every activation
     "num_classes": (int, 10, 11),  # the ten digits; number_judge.py's judge adds "not one digit"
+    "in_channels": (int, 1, 2),    # a grey picture; the judge also sees the ink around a candidate
 }
 
 
@@ -280,7 +281,7 @@ def _is_real(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_info(path, ckpt, expected_classes=CLASSES):
+def _check_info(path, ckpt, expected_classes=CLASSES, in_channels=1):
     """What the commands read besides the weights: the normalisation, the classes and the numbers they print."""
     norm = ckpt.get("normalization")
     if not (isinstance(norm, dict) and _is_real(norm.get("mean")) and _is_real(norm.get("std"))
@@ -290,9 +291,12 @@ def _check_info(path, ckpt, expected_classes=CLASSES):
     if not (isinstance(classes, list) and len(classes) == len(expected_classes)
             and all(isinstance(c, str) for c in classes)):
         raise _refuse(path, f"its classes {_show(classes)} are not a list of {len(expected_classes)} names")
-    if ckpt["model_args"].get("num_classes", len(CLASSES)) != len(expected_classes):
-        raise _refuse(path, f"its model has {ckpt['model_args']['num_classes']} outputs, not "
-                            f"{len(expected_classes)} ({', '.join(expected_classes[:2])}, ...)")
+    outputs, inputs = ckpt["model_args"].get("num_classes", len(CLASSES)), ckpt["model_args"].get("in_channels", 1)
+    if outputs != len(expected_classes):
+        raise _refuse(path, f"its model has {outputs} outputs, not {len(expected_classes)} "
+                            f"({', '.join(expected_classes[:2])}, ...)")
+    if inputs != in_channels:
+        raise _refuse(path, f"its model takes {inputs} input channels, not {in_channels}")
     for key in _REAL_INFO + _INT_INFO:
         value = ckpt.get(key)
         ok = value is None or (_is_real(value) and (key not in _INT_INFO or isinstance(value, int)))
@@ -321,9 +325,10 @@ def _in_memory(value):
     return value
 
 
-def read_checkpoint(path, classes=CLASSES):
+def read_checkpoint(path, classes=CLASSES, in_channels=1):
     """Load a checkpoint dict safely and check it; CheckpointError (one line) for anything else. classes: what
-    the model's outputs must mean (the ten digits; number_judge.py's judge has an eleventh).
+    the model's outputs must mean (the ten digits; number_judge.py's judge has an eleventh); in_channels: what
+    its input must be (one grey channel; the judge has two).
 
     Weights only (a file from a stranger can never run code), the archive measured before it is read, and the
     weights checked against the model their arguments describe before anything that size is allocated.
@@ -342,7 +347,7 @@ def read_checkpoint(path, classes=CLASSES):
     model_args = ckpt.setdefault("model_args", {})
     check_model_args(path, name, model_args)
     _check_weights(path, name, model_args, ckpt.get("state_dict"))
-    _check_info(path, ckpt, classes)
+    _check_info(path, ckpt, classes, in_channels)
     return _in_memory(ckpt)
 
 
@@ -353,9 +358,9 @@ def check_model_type(path, found, expected):
                               f"matching one")
 
 
-def load_checkpoint(path, device="cpu", expected_model=None, classes=CLASSES):
+def load_checkpoint(path, device="cpu", expected_model=None, classes=CLASSES, in_channels=1):
     """Rebuild the model of a checkpoint in eval mode on `device`: returns (model, checkpoint dict)."""
-    ckpt = read_checkpoint(path, classes)
+    ckpt = read_checkpoint(path, classes, in_channels)
     check_model_type(path, ckpt["model"], expected_model)
     model = build_model(ckpt["model"], **ckpt["model_args"])  # checked: the weights fit, nothing oversized
     try:

@@ -107,17 +107,17 @@ def plain_recipe(source, classify):
     return "".join(str(int(d)) for d in probs.argmax(1))
 
 
-def read(path, recipe, classify, digits=None):
+def read(path, recipe, classify, digits=None, judge=None):
     """The number string a recipe reads in one picture ("" when it finds nothing)."""
     if recipe == "plain":
         return plain_recipe(path, classify)
     try:
-        return preprocess.read_number(path, classify, digits=digits).number
+        return preprocess.read_number(path, classify, digits=digits, judge=judge).number
     except preprocess.ImageError:
         return ""
 
 
-def score(folder, recipe, classify, digits_known=False, keep_errors=0):
+def score(folder, recipe, classify, digits_known=False, keep_errors=0, judge=None):
     """{kind: {"n", "string_accuracy", "digit_accuracy", "segmentation_errors", "errors": [...]}}."""
     folder = Path(folder)
     pictures = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in preprocess.IMAGE_SUFFIXES)
@@ -125,7 +125,7 @@ def score(folder, recipe, classify, digits_known=False, keep_errors=0):
     for path in pictures:
         kind = path.parent.relative_to(folder).as_posix()
         truth = truth_of(path)
-        got = read(path, recipe, classify, len(truth.replace("\n", "")) if digits_known else None)
+        got = read(path, recipe, classify, len(truth.replace("\n", "")) if digits_known else None, judge)
         row = table.setdefault(kind, {"n": 0, "right": 0, "digits": 0, "digits_right": 0, "count_wrong": 0,
                                       "errors": []})
         row["n"] += 1
@@ -144,12 +144,12 @@ def score(folder, recipe, classify, digits_known=False, keep_errors=0):
                    "segmentation_errors": r["count_wrong"], "errors": r["errors"]} for kind, r in table.items()}
 
 
-def time_reads(path, classify, repeat):
+def time_reads(path, classify, repeat, judge=None):
     """Seconds per read of one picture by read_number: [first, then the others]."""
     times = []
     for _ in range(repeat):
         started = time.perf_counter()
-        reading = preprocess.read_number(path, classify)
+        reading = preprocess.read_number(path, classify, judge=judge)
         times.append(time.perf_counter() - started)
     return times, reading
 
@@ -168,11 +168,10 @@ def main(argv=None):
     except CheckpointError as err:
         fail("evaluate_numbers.py", err, 2)
     classify = make_classifier(model, ckpt["normalization"]["mean"], ckpt["normalization"]["std"])
-    classify = number_judge.with_judge(classify, judge)
     torch.set_grad_enabled(False)
     if args.time:
         try:
-            times, reading = time_reads(args.time, classify, args.repeat)
+            times, reading = time_reads(args.time, classify, args.repeat, judge)
         except preprocess.ImageError as err:
             fail("evaluate_numbers.py", f"{args.time}: {first_line(err)}", 1)
         later = sorted(times[1:]) or times
@@ -183,7 +182,7 @@ def main(argv=None):
     if not Path(args.folder).is_dir():
         parser.error(f"{args.folder} is not a folder")
     started = time.perf_counter()
-    table = score(args.folder, args.recipe, classify, args.digits_known, args.errors)
+    table = score(args.folder, args.recipe, classify, args.digits_known, args.errors, judge)
     if not table:
         fail("evaluate_numbers.py", f"no pictures in {args.folder}", 1)
     if args.json:

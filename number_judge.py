@@ -31,6 +31,7 @@ from data_loader import MNIST_MEAN, MNIST_STD, NORMALIZATION, load_mnist, split_
 JUDGE_CLASSES = CLASSES + ["not one digit"]
 NOT_A_DIGIT = len(CLASSES)  # the eleventh output
 PRETRAINED_JUDGE = PROJECT_DIR / "pretrained" / "number_judge.pth"
+JUDGE_ARGS = {"num_classes": len(JUDGE_CLASSES), "in_channels": 2}  # TinyCNN's: the candidate and its context
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -100,7 +101,8 @@ def label_candidates(cands, owner, classes):
 
 
 def make_examples(images, labels, pictures, seed=0):
-    """Candidates of `pictures` numbers of 2-5 digits drawn from images/labels -> (uint8 (N, 28, 28), classes (N,)).
+    """Candidates of `pictures` numbers of 2-5 digits drawn from images/labels -> (uint8 (N, 2, 28, 28): each
+    candidate and its context, classes (N,)).
 
     Half the numbers touch (gaps -0.15 to 0 of the height: strokes touch or cross), a fifth nearly touch, the
     rest are spaced, so the judge sees the cuts of touching digits and those of wide single digits (a 0 or a 2
@@ -119,7 +121,8 @@ def make_examples(images, labels, pictures, seed=0):
         except preprocess.ImageError:
             continue
         y = label_candidates(cands, owner, [int(labels[i]) for i in idx])
-        xs.append((cands.pixels[y >= 0] * 255).round().astype(np.uint8))
+        both = np.stack([cands.pixels, cands.context], axis=1)[y >= 0]
+        xs.append((both * 255).round().astype(np.uint8))
         ys.append(y[y >= 0])
     return np.concatenate(xs), np.concatenate(ys)
 
@@ -129,10 +132,11 @@ def make_examples(images, labels, pictures, seed=0):
 # ---------------------------------------------------------------------------------------------------------------
 
 def train_judge(x, y, epochs=4, batch_size=128, lr=0.003, seed=0):
-    """TinyCNN with eleven outputs on uint8 candidates x (N, 28, 28) and classes y: Adam, one-cycle rate."""
+    """TinyCNN with two input channels and eleven outputs on uint8 x (N, 2, 28, 28) and classes y: Adam, one-cycle
+    rate."""
     torch.manual_seed(seed)
-    model = build_model("tiny", num_classes=len(JUDGE_CLASSES))
-    images = (torch.from_numpy(x).float().div_(255).unsqueeze(1) - MNIST_MEAN) / MNIST_STD
+    model = build_model("tiny", **JUDGE_ARGS)
+    images = _inputs(torch.from_numpy(x).float().div_(255))
     targets = torch.from_numpy(y)
     steps = epochs * ((len(x) + batch_size - 1) // batch_size)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -153,48 +157,42 @@ def train_judge(x, y, epochs=4, batch_size=128, lr=0.003, seed=0):
     return model.eval()
 
 
+def _inputs(x):
+    """(N, 2, 28, 28) in [0, 1] -> what the judge takes: both channels normalised like MNIST."""
+    return (x - MNIST_MEAN) / MNIST_STD
+
+
 def judge_scores(model, x):
-    """The judge on candidates x (uint8 (N, 28, 28)): (predicted classes, P(not one digit))."""
+    """The judge on uint8 x (N, 2, 28, 28): (predicted classes, P(not one digit))."""
     with torch.inference_mode():
-        images = (torch.from_numpy(x).float().div_(255).unsqueeze(1) - MNIST_MEAN) / MNIST_STD
+        images = _inputs(torch.from_numpy(x).float().div_(255))
         probs = torch.cat([model(b).softmax(1) for b in images.split(1024)])
     return probs.argmax(1).numpy(), probs[:, NOT_A_DIGIT].numpy()
 
 
 def load_judge(path=PRETRAINED_JUDGE, device="cpu"):
     """The judge in a file this script wrote: (model in eval mode, checkpoint). CheckpointError for anything else."""
-    return load_checkpoint(path, device, classes=JUDGE_CLASSES)
+    return load_checkpoint(path, device, classes=JUDGE_CLASSES, in_channels=JUDGE_ARGS["in_channels"])
 
 
 def judge_for(choice=None, device="cpu"):
-    """The judge a command's --judge asks for: None -> the shipped pretrained/number_judge.pth when it is there
-    (else no judge); "none" -> no judge; a path -> that file's judge (CheckpointError when it is not one)."""
+    """What preprocess.read_number's judge argument takes, for a command's --judge: None -> the shipped
+    pretrained/number_judge.pth when it is there (else no judge); "none" -> no judge; a path -> that file's
+    judge (CheckpointError when it is not one). Returns a function (pixels, context) -> (N, 11) probabilities
+    (the ten digits, then "not one digit"), or None."""
     if choice is not None and str(choice).lower() == "none":
         return None
     if choice is None:
         if not PRETRAINED_JUDGE.is_file():
             return None
         choice = PRETRAINED_JUDGE
-    return load_judge(choice, device)[0]
+    model = load_judge(choice, device)[0]
 
-
-def not_one_digit(judge, pixels, device="cpu"):
-    """The judge's P(not one digit) for candidate pixels (N, 28, 28) in [0, 1]: a float array (N,)."""
-    x = (torch.from_numpy(np.ascontiguousarray(pixels, np.float32)).to(device) - MNIST_MEAN) / MNIST_STD
-    with torch.inference_mode():
-        return judge(x.unsqueeze(1)).float().softmax(1)[:, NOT_A_DIGIT].cpu().numpy()
-
-
-def with_judge(classify, judge, device="cpu"):
-    """classify (pixels -> (N, 10) probabilities) -> one that adds the judge's P(not one digit) as an eleventh
-    column, which preprocess.read_number weighs each candidate by. No judge: classify itself."""
-    if judge is None:
-        return classify
-
-    def judged(pixels):
-        probs = np.asarray(classify(pixels), np.float64)
-        return np.concatenate([probs, not_one_digit(judge, pixels, device)[:, None]], axis=1)
-    return judged
+    def judge(pixels, context):
+        x = torch.from_numpy(np.ascontiguousarray(np.stack([pixels, context], axis=1), np.float32))
+        with torch.inference_mode():
+            return model(_inputs(x).to(device)).float().softmax(1).cpu().numpy()
+    return judge
 
 
 def parse_args():
@@ -229,7 +227,7 @@ def main(argv=None):
            "whole_digit_recall": float((pred[whole] != NOT_A_DIGIT).mean())}
     print(f"trained in {time.perf_counter() - t0:.0f} s; validation candidates: accuracy {val['accuracy']:.2%}, "
           f"pieces found {val['not_one_digit_recall']:.2%}, whole digits kept {val['whole_digit_recall']:.2%}")
-    save_checkpoint(args.out, model, "tiny", NORMALIZATION, {"num_classes": len(JUDGE_CLASSES)},
+    save_checkpoint(args.out, model, "tiny", NORMALIZATION, JUDGE_ARGS,
                     classes=JUDGE_CLASSES, val=val, args=vars(args), parameters=count_parameters(model))
     print(f"wrote {args.out}")
 

@@ -276,7 +276,7 @@ def print_number(path, reading, error, args):
                       f"{'  [low confidence]' if d.probability < low else ''}")
 
 
-def read_numbers(inputs, classify, args):
+def read_numbers(inputs, classify, judge, args):
     """Read each picture's number, print it; returns how many pictures failed."""
     out_dir = Path(args.annotate) if args.annotate else None
     used, failed = set(), 0
@@ -284,7 +284,7 @@ def read_numbers(inputs, classify, args):
         reading = None
         if error is None:
             try:
-                reading = preprocess.read_number(path, classify, digits=args.digits)
+                reading = preprocess.read_number(path, classify, digits=args.digits, judge=judge)
             except preprocess.NoDigitError:
                 error = "no digits found"
             except preprocess.ImageError as err:
@@ -315,8 +315,7 @@ def main(argv=None):
     if args.number:
         import number_judge  # only --number needs it
         try:
-            classify = number_judge.with_judge(make_classifier(model, device, mean, std),
-                                               number_judge.judge_for(args.judge, device), device)
+            judge = number_judge.judge_for(args.judge, device)
         except CheckpointError as err:
             print(f"predict.py: error: --judge: {err}", file=sys.stderr)
             return 2
@@ -330,7 +329,7 @@ def main(argv=None):
     used_names, failed = set(), 0
     with torch.inference_mode():
         if args.number:
-            failed = read_numbers(inputs, classify, args)
+            failed = read_numbers(inputs, make_classifier(model, device, mean, std), judge, args)
         for start in range(0, 0 if args.number else len(inputs), args.batch_size):
             chunk = inputs[start:start + args.batch_size]
             for path, probs, error in predict_chunk(model, device, chunk, mean, std, out_dir, used_names):

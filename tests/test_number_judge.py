@@ -58,28 +58,33 @@ def test_trained_judge_is_a_checkpoint_the_digit_commands_refuse(tmp_path, capsy
     out = tmp_path / "judge.pth"
     nj.main(["--pictures", "12", "--val_pictures", "10", "--epochs", "1", "--out", str(out)])
     judge, ckpt = nj.load_judge(out)
-    assert ckpt["classes"][-1] == "not one digit" and judge(torch.zeros(2, 1, 28, 28)).shape == (2, 11)
+    assert ckpt["classes"][-1] == "not one digit" and judge(torch.zeros(2, 2, 28, 28)).shape == (2, 11)
     code, _, err = run(["--image_path", str(ROOT / "examples"), "--model_path", str(out)], capsys)
     assert code == 2 and len(err) == 1 and "classes" in err[0], err
     with pytest.raises(CheckpointError, match="classes"):
         nj.load_judge(ROOT / "pretrained" / "best_model_simple_pt.pth")
 
 
-def test_outputs_must_match_the_classes(tmp_path):
-    """A file whose model has eleven outputs but names ten classes is refused, not read as ten digits."""
+def test_outputs_and_inputs_must_match_the_classes(tmp_path):
+    """A file whose model has eleven outputs but names ten classes, or takes two channels, is refused: it is not
+    read as a digit classifier."""
     path = tmp_path / "odd.pth"
     save_checkpoint(path, build_model("tiny", num_classes=11), "tiny", NORMALIZATION, {"num_classes": 11})
     with pytest.raises(CheckpointError, match="11 outputs"):
         load_checkpoint(path)
+    two = tmp_path / "two.pth"
+    save_checkpoint(two, build_model("tiny", in_channels=2), "tiny", NORMALIZATION, {"in_channels": 2})
+    with pytest.raises(CheckpointError, match="2 input channels"):
+        load_checkpoint(two)
 
 
-def test_with_judge_adds_the_eleventh_column():
-    judge, _ = nj.load_judge()
+def test_judge_for_gives_a_probability_per_candidate():
+    judge = nj.judge_for()  # the shipped judge
     pixels = np.zeros((3, 28, 28), np.float32)
     pixels[:, 4:24, 13:15] = 1.0  # a 1
-    out = nj.with_judge(lambda p: np.full((len(p), 10), 0.1), judge)(pixels)
-    assert out.shape == (3, 11) and np.all((out[:, 10] >= 0) & (out[:, 10] <= 1))
-    assert nj.with_judge(len, None) is len
+    out = judge(pixels, pixels)
+    assert out.shape == (3, 11) and np.allclose(out.sum(1), 1, atol=1e-5)
+    assert nj.judge_for("none") is None and nj.judge_for("NONE") is None
 
 
 def test_predict_judge_flag(tmp_path, capsys):
@@ -91,3 +96,15 @@ def test_predict_judge_flag(tmp_path, capsys):
     assert code == 0 and out[0].split(": ")[1].startswith("7 ("), out
     code, _, err = run(["--image_path", "x.png", "--judge", "none"], capsys)
     assert code == 2 and "--number" in err[-1]
+
+
+def test_context_shows_the_candidate_white_and_its_neighbour_grey(mnist_train):
+    """The judge's second channel: the 4 of a touching 47, cut from the 7, at the line's scale; the 7's ink is
+    there in grey, to the right of the 4 (so the judge sees the cut went through a stroke)."""
+    cands, labels = labelled(mnist_train, (4, 7), [-0.06])
+    k = int(np.flatnonzero(labels == 4)[0])
+    ctx = cands.context[k]
+    assert ctx.shape == (28, 28) and ctx.max() > 0.9
+    grey = np.nonzero((ctx > 0.3) & (ctx < 0.6))
+    white = np.nonzero(ctx > 0.9)
+    assert grey[1].size > 10 and grey[1].mean() > white[1].mean() + 4, (grey[1].mean(), white[1].mean())

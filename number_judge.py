@@ -117,7 +117,7 @@ def make_examples(images, labels, pictures, seed=0):
         height = int(rng.integers(28, 80))  # 5 digits stay within NUMBER_MAX: the map is the picture
         picture, owner = write_number([images[i] for i in idx], rng.uniform(low, high, n - 1), height, rng)
         try:
-            cands = preprocess.number_candidates(picture)
+            cands = preprocess.number_candidates(picture, straight=True)  # the reader's cuts with a judge
         except preprocess.ImageError:
             continue
         y = label_candidates(cands, owner, [int(labels[i]) for i in idx])

@@ -209,8 +209,8 @@ def test_flags_that_need_number_are_refused(capsys):
 def test_string_accuracy_on_a_small_generated_set(mnist_test, tmp_path):
     """A regression floor: 20 pictures each of spaced numbers on paper and on a canvas, of long numbers and of
     touching digits, read with the shipped model and the shipped number judge. Measured: 58 of 60 spaced and
-    long right, and 13 of 20 touching (11 without the judge, 8 before touching clusters got seams from the top
-    and no cost per digit, so a floor of 60% catches the loss of the judge); the floors leave room for a few."""
+    long right, and 16 of 20 touching (11 without the judge, 8 before touching clusters got seams from the top
+    and no cost per digit, so a floor of 70% catches the loss of the judge); the floors leave room for a few."""
     import evaluate_numbers
     import number_judge
     from checkpoint import load_checkpoint
@@ -219,6 +219,6 @@ def test_string_accuracy_on_a_small_generated_set(mnist_test, tmp_path):
     model, ckpt = load_checkpoint(PRETRAINED)
     classify = evaluate_numbers.make_classifier(model, ckpt["normalization"]["mean"], ckpt["normalization"]["std"])
     table = evaluate_numbers.score(tmp_path, "reader", classify, judge=number_judge.judge_for())  # shipped judge
-    floors = {"spaced_paper_jpeg": 0.9, "spaced_canvas": 0.9, "long": 0.9, "touching": 0.6}
+    floors = {"spaced_paper_jpeg": 0.9, "spaced_canvas": 0.9, "long": 0.9, "touching": 0.7}
     for kind, row in table.items():
         assert row["string_accuracy"] >= floors[kind], (kind, row)

@@ -163,6 +163,15 @@ def python_shim(folder, executable, *args):
 
 
 WARM_PYTHON = ROOT / "tests" / "warm_python.py"
+
+
+def ctrl_c(ignored=False):
+    """The start of a command line that runs the rest with Ctrl-C (SIGINT) ignored or at its default. A suite run
+    as a background job of a script starts with it ignored, and a shell cannot undo that: a test that interrupts
+    a command starts it with this, as a terminal would, whatever started the suite."""
+    handler = "SIG_IGN" if ignored else "SIG_DFL"
+    return [sys.executable, "-S", "-c",
+            f"import os, signal, sys; signal.signal(signal.SIGINT, signal.{handler}); os.execv(sys.argv[1], sys.argv[1:])"]
 SHARED_WARM_SOCKET = "MNIST_TEST_WARM_SOCKET"  # set by the xdist controller for its workers (pytest_configure)
 
 

@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+from conftest import ctrl_c
 
 
 def run(python, code, **kwargs):
@@ -93,3 +94,13 @@ def test_what_a_command_starts_with_sys_executable_is_warm_unless_it_is_handed_p
     assert done.returncode == 0, done.stderr
     assert lines[0] == f"{python} True"  # warm, and its own sys.executable is the shim again
     assert lines[1].endswith(" False") and lines[2] == "b'x'"  # cold, and the pipe worked
+
+
+def test_the_command_ignores_ctrl_c_only_where_its_starter_did(python):
+    """A suite started as a background job of a script (or under nohup) starts the shared server with Ctrl-C
+    ignored; a command must take its own starter's setting, as a cold interpreter does, not the server's."""
+    probe = "import signal; print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)"
+    for ignored in (False, True):
+        done = subprocess.run([*ctrl_c(ignored), python, "-c", probe], capture_output=True, text=True, timeout=60)
+        assert done.stdout.strip() == str(ignored), done.stderr
+

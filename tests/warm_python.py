@@ -119,6 +119,9 @@ def run(request):
     os.environ.clear()
     os.environ.update(request["env"])
     sys.dont_write_bytecode = bool(os.environ.get("PYTHONDONTWRITEBYTECODE"))  # read at start-up by a cold one
+    for sig in FORWARDED:  # as a cold interpreter sets them up from what it inherits (the client's)
+        default = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+        signal.signal(sig, signal.SIG_IGN if int(sig) in request.get("ignored", ()) else default)
     import torch
     # As torch sets its threads when it starts: MKL_NUM_THREADS if set, else OMP_NUM_THREADS, else its default
     threads = os.environ.get("MKL_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
@@ -180,7 +183,11 @@ def client(path, argv, executable, shim):
         conn.connect(path)
     except OSError:  # no server (it was stopped): run cold
         os.execv(executable, [executable, *argv])
-    payload = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "executable": shim}).encode()
+    # Which of the forwarded signals this process started with ignored (a background job of a script, nohup):
+    # the command takes the same, not the server's (the server started as the test session did).
+    ignored = [int(sig) for sig in FORWARDED if signal.getsignal(sig) == signal.SIG_IGN]
+    payload = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "executable": shim,
+                          "ignored": ignored}).encode()
     socket.send_fds(conn, [len(payload).to_bytes(8, "big") + payload], [0, 1, 2])
     replies = conn.makefile("rb")
     pid = int(replies.readline())

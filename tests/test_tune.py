@@ -23,7 +23,7 @@ from optuna.trial import TrialState  # noqa: E402
 import data_loader
 import train_pytorch
 import tune
-from conftest import DEVICE, ROOT
+from conftest import DEVICE, ROOT, ctrl_c
 
 SCRIPT = str(ROOT / "tune.py")
 # The tiny CNN on 256 images: a trial is a second or two on the CPU, and still a real train_pytorch run.
@@ -73,8 +73,8 @@ def assert_finished_once_each(study, n):
 def start(*flags, log, python):
     """The command in the background, run by `python` (the fixture). Through the warm `python`, a kill of the process the test holds is passed on
     as a SIGKILL of the command within 50 ms (tests/warm_python.py): the command still dies without a word."""
-    return subprocess.Popen([python, SCRIPT, *flags], stdout=log, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen([*ctrl_c(ignored=False), python, SCRIPT, *flags], stdout=log, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)  # Ctrl-C at its default, as in a terminal
 
 
 def wait_for_running(save_dir, name, n, proc, timeout=180):
@@ -137,9 +137,7 @@ def test_grid_runs_18_trials_writes_the_heatmap_and_never_touches_the_test_set(t
 
 @pytest.mark.slow
 def test_a_killed_study_resumes_to_the_asked_number_of_trials_none_repeated(tmp_path, python):
-    # 8 trials of about a second each, interrupted after the first and the second: with 4, a test process held
-    # off the busy 2 cores for a few seconds sent its Ctrl-C after the whole study had ended (exit 0, not 130).
-    flags = ["--search", "tpe", "--trials", "8", "--jobs", "1", *FAST, "--save_dir", str(tmp_path)]
+    flags = ["--search", "tpe", "--trials", "4", "--jobs", "1", *FAST, "--save_dir", str(tmp_path)]
     with open(tmp_path / "run.log", "w") as log:
         # Ctrl-C: the running trial is recorded as failed and the command says how to resume.
         proc = start(*flags, log=log, python=python)
@@ -158,12 +156,12 @@ def test_a_killed_study_resumes_to_the_asked_number_of_trials_none_repeated(tmp_
 
     result = subprocess.run([python, SCRIPT, *flags], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "tpe-tiny: 8 of 8 trials done" in result.stdout
+    assert "tpe-tiny: 4 of 4 trials done" in result.stdout
     study = journal_study(tmp_path, "tpe-tiny")
-    assert_finished_once_each(study, 8)
+    assert_finished_once_each(study, 4)
     assert [tune.note(t) for t in study.get_trials()].count("worker died") == 1  # the crash's trial
     assert [r["note"] for r in read_rows(tmp_path)].count("worker died") == 1  # and trials.csv says so
-    assert len([r for r in read_rows(tmp_path) if r["state"] in ("complete", "pruned")]) == 8
+    assert len([r for r in read_rows(tmp_path) if r["state"] in ("complete", "pruned")]) == 4
     assert (tmp_path / "optimization_history.png").exists() and (tmp_path / "param_importances.png").exists()
 
 

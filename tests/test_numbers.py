@@ -109,6 +109,26 @@ def test_touching_digits_are_read_without_their_count(mnist_test, tmp_path, caps
     assert out[0].startswith(f"{path}: 679 ("), out
 
 
+def test_touching_digits_past_the_candidate_limit_are_read_without_straight_cuts(mnist_test, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """Straight cuts multiply the candidates of a cluster (this 679: 719 with them, 100 without). A picture whose
+    straight cuts pass the limit is read without them, not refused; only past the limit without them is it
+    refused. The limit is lowered here so that a 3-digit cluster stands in for a 6-digit one."""
+    indices = [first_of(mnist_test, d) for d in (6, 7, 9)]
+    path = on_paper(strip(mnist_test, indices, [-0.06, -0.06]), tmp_path / "679.png")
+    with_straight = preprocess.number_candidates(path, None, preprocess.MAX_DIGITS, straight=True)
+    without = preprocess.number_candidates(path, None, preprocess.MAX_DIGITS, straight=False)
+    assert len(without.keys) < 200 < len(with_straight.keys)
+    monkeypatch.setattr(preprocess, "MAX_CANDIDATES", 200)
+    code, out, _ = run(["--image_path", path, "--number"], capsys)  # the shipped judge asks for straight cuts
+    assert code == 0
+    assert out[0].startswith(f"{path}: 679 ("), out
+    monkeypatch.setattr(preprocess, "MAX_CANDIDATES", len(without.keys) - 1)
+    code, out, err = run(["--image_path", path, "--number"], capsys)
+    assert code == 1
+    assert "not a number" in " ".join(out + err)
+
+
 def test_two_lines_are_read_top_to_bottom(mnist_test, tmp_path, capsys):
     top = strip(mnist_test, [first_of(mnist_test, d) for d in (1, 2)], [0.5])
     bottom = strip(mnist_test, [first_of(mnist_test, d) for d in (3, 4, 5)], [0.5, 0.5])

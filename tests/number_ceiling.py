@@ -1,0 +1,69 @@
+"""What the model allows on a generated number set: python tests/number_ceiling.py
+
+For each number of the test set that `make_user_images.py --numbers DIR` writes (seed 0, MNIST test digits), this
+reads the digits twice: the model on the untouched 28x28 source digits the picture was made from (what a perfect
+reader that cuts, frames and centres every digit exactly as MNIST does would give this model), and the number
+reader on the picture itself. It prints the string accuracy of both per kind, and the digits the reader gets
+wrong where the model reads the source digit right (the reader's own losses). It makes the pictures again in
+memory with the generator's random stream (the same numbers and files as the set on disk) and reads the ones
+under --numbers, so the set must have been made with the same seed and --per_kind.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import data_loader  # noqa: E402
+import evaluate_numbers  # noqa: E402
+import make_user_images as mk  # noqa: E402
+import number_judge  # noqa: E402
+import preprocess  # noqa: E402
+from checkpoint import load_checkpoint  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--numbers", default="results/numbers_test", help="the set written by make_user_images.py")
+    p.add_argument("--per_kind", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model_path", default=str(ROOT / "pretrained" / "best_model_simple_pt.pth"))
+    args = p.parse_args()
+    x, y = data_loader.load_mnist()["test"]
+    model, ckpt = load_checkpoint(args.model_path)
+    mean, std = ckpt["normalization"]["mean"], ckpt["normalization"]["std"]
+    classify = evaluate_numbers.make_classifier(model, mean, std)
+    judge = number_judge.judge_for()
+    rng = np.random.default_rng(args.seed)  # replays make_number_set's stream, kind after kind
+    print(f"{'kind':<20}{'n':>5}{'source digits':>15}{'reader':>9}{'reader-only digit errors':>26}")
+    for kind in mk.NUMBER_KINDS:
+        pool_x, pool_y = mk._uci_as_mnist() if kind == "uci" else (x.numpy(), y.numpy())
+        low, high = mk.NUMBER_LENGTHS.get(kind, (2, 6))
+        ceiling = read_right = own_losses = digits = 0
+        for i in range(args.per_kind):
+            idx = rng.integers(0, len(pool_x), int(rng.integers(low, high + 1)))
+            number = "".join(str(int(pool_y[j])) for j in idx)
+            _, suffix, _ = mk.make_number(kind, [np.asarray(pool_x[j], np.uint8) for j in idx], rng)
+            path = Path(args.numbers) / kind / f"{i:04d}_{number}{suffix}"
+            if not path.exists():
+                sys.exit(f"number_ceiling.py: {path} is missing: make the set with the same --seed and --per_kind")
+            source = (torch.from_numpy(pool_x[idx]).float().div(255) - mean).div(std).unsqueeze(1)
+            with torch.no_grad():
+                on_source = "".join(str(int(d)) for d in model(source).argmax(1))
+            read = preprocess.read_number(str(path), classify, judge=judge).number
+            ceiling += on_source == number
+            read_right += read == number
+            if len(read) == len(number):
+                digits += len(number)
+                own_losses += sum(t == s != r for t, s, r in zip(number, on_source, read))
+        n = args.per_kind
+        print(f"{kind:<20}{n:>5}{ceiling / n:>14.1%} {read_right / n:>8.1%}{own_losses:>12} of {digits} digits",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -723,8 +723,9 @@ def _classify_marks(height, group):
     """Split a line's parts into digit parts and marks: ([digit parts], [(char, part)] for '.' and '-').
 
     A ruled line (long, flat) and specks are dropped. A short part is kept as a piece of a digit when it lies
-    over a tall part's columns (the bar of a 5, the top of a 7); on the baseline between digits and about as
-    tall as wide it is a decimal point; at mid height and flat, a dash; anything else short is a speck.
+    over a tall part's columns (the bar of a 5, the top of a 7), or is a flat stroke at the top that touches them
+    (a 5's bar reaching past its body); on the baseline between digits and about as tall as wide it is a decimal
+    point; at mid height and flat, a dash; anything else short is a speck.
     """
     tall = [p for p in group if p.h >= SPECK_HEIGHT * height]
     bottom = float(np.median([p.y1 for p in tall])) if tall else 0.0
@@ -742,6 +743,9 @@ def _classify_marks(height, group):
         if overlap >= 0.4 * p.w:
             digits.append(p)  # a detached piece of the digit above or below it
             continue
+        if _is_flag(p, tall, height):
+            digits.append(p)  # the bar of a 5, written apart and reaching past its body
+            continue
         between = any(q.x1 < p.x0 for q in tall) and any(q.x0 > p.x1 for q in tall)
         mid = (p.y0 + p.y1) / 2.0
         if between and p.y1 >= bottom - 0.15 * height and DOT_MIN * height <= min(p.w, p.h) \
@@ -754,6 +758,18 @@ def _classify_marks(height, group):
                 and abs(mid - (top + bottom) / 2) < 0.25 * height:
             marks.append(("-", p))  # a minus sign before the number
     return digits, marks
+
+
+def _is_flag(p, tall, height):
+    """A flat stroke (at least 0.3 H wide and twice as wide as tall) at the top of a digit whose columns it only
+    touches or overlaps a little: the bar of a 5 written apart and reaching past its body (36 of MNIST's 892
+    test 5s written 60 px tall). A speck's rule dropped it, and the body alone was read as a 3. Chosen on the
+    development sets (MNIST train, seeds 202 and 303): it changed 18 of their 2,400 pictures, 10 of them read
+    right before and all 18 after."""
+    if p.w < 0.3 * height or p.w < 2 * p.h:
+        return False
+    return any(min(p.x1, q.x1) - max(p.x0, q.x0) + 1 >= -NEAR_GAP * height and p.y0 <= q.y0 + 0.15 * height
+               for q in tall)
 
 
 def _clear_of(p, others, gap):

@@ -85,6 +85,26 @@ def test_a_broken_five_is_one_digit(mnist_test, tmp_path, capsys):
     assert out == [f"{path}: 351 ({out[0].rsplit('(', 1)[1]}"], out
 
 
+FLAGGED_FIVES = (1087, 3552, 5624)  # MNIST test 5s whose top bar is apart and reaches well past the body
+
+
+@pytest.mark.parametrize("five", FLAGGED_FIVES)
+def test_a_five_whose_bar_reaches_past_its_body_keeps_its_bar(mnist_test, tmp_path, capsys, five):
+    """The bar overlaps the body's columns too little to count as its piece, so it used to be dropped as a speck
+    and the body read as a 3 ("13")."""
+    cover = strip(mnist_test, [first_of(mnist_test, 1), five], [0.4])
+    height = 60
+    parts = preprocess._find_parts(preprocess._Ink(cover, cover > 0.45, 0.01, 1.0, 1.0))
+    tall = [p for p in parts if p.h >= preprocess.SPECK_HEIGHT * height]
+    bars = [p for p in parts if p.h < preprocess.SPECK_HEIGHT * height and p.w >= 0.3 * height]
+    assert bars and all(max(min(b.x1, q.x1) - max(b.x0, q.x0) + 1 for q in tall) < 0.4 * b.w for b in bars), \
+        "the bar should stand apart from the body, overlapping it less than a piece does"
+    path = on_paper(cover, tmp_path / "15.png")
+    code, out, _ = run(["--image_path", path, "--number"], capsys)
+    assert code == 0
+    assert out[0].startswith(f"{path}: 15 ("), out
+
+
 def test_touching_digits_are_split_with_digits(mnist_test, tmp_path, capsys):
     indices = [first_of(mnist_test, d) for d in (4, 7, 0)]
     cover = strip(mnist_test, indices, [-0.06, -0.06])

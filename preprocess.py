@@ -739,12 +739,9 @@ def _classify_marks(height, group):
             continue
         if p.w < 0.06 * height and p.h < 0.06 * height:
             continue  # dust
-        overlap = max((min(p.x1, q.x1) - max(p.x0, q.x0) + 1 for q in tall), default=0)
-        if overlap >= 0.4 * p.w:
-            digits.append(p)  # a detached piece of the digit above or below it
-            continue
-        if _is_flag(p, tall, height):
-            digits.append(p)  # the bar of a 5, written apart and reaching past its body
+        overlap = max((_column_overlap(p, q) for q in tall), default=0)
+        if overlap >= 0.4 * p.w or _is_flag(p, tall, height):
+            digits.append(p)  # a detached piece of the digit above or below it, or a 5's bar reaching past it
             continue
         between = any(q.x1 < p.x0 for q in tall) and any(q.x0 > p.x1 for q in tall)
         mid = (p.y0 + p.y1) / 2.0
@@ -768,8 +765,12 @@ def _is_flag(p, tall, height):
     right before and all 18 after."""
     if p.w < 0.3 * height or p.w < 2 * p.h:
         return False
-    return any(min(p.x1, q.x1) - max(p.x0, q.x0) + 1 >= -NEAR_GAP * height and p.y0 <= q.y0 + 0.15 * height
-               for q in tall)
+    return any(_column_overlap(p, q) >= -NEAR_GAP * height and p.y0 <= q.y0 + 0.15 * height for q in tall)
+
+
+def _column_overlap(p, q):
+    """How many columns parts p and q share (negative: the gap between them)."""
+    return min(p.x1, q.x1) - max(p.x0, q.x0) + 1
 
 
 def _clear_of(p, others, gap):

@@ -95,6 +95,25 @@ def expected_calibration_error(y_true, probs, bins=ECE_BINS):
     return float(ece)
 
 
+def fit_temperature(y_true, probs):
+    """The temperature T that calibrates these softmax outputs best: softmax(log(probs) / T) has the lowest
+    cross-entropy on y_true (temperature scaling, Guo et al. 2017: one number, so the predicted digit never changes).
+
+    A model trained with label smoothing says about 91% when it is right 99.7% of the time; T < 1 sharpens it
+    back. log(probs) differs from the logits by a constant per row, which softmax ignores, so the probabilities
+    are enough. scipy (scikit-learn's own dependency) finds T by a bounded 1-D search.
+    """
+    from scipy.optimize import minimize_scalar
+    from scipy.special import log_softmax
+    y_true, probs = _check_inputs(y_true, probs)
+    logp = np.log(np.clip(probs, 1e-38, None))  # a float32 softmax underflows to 0
+    rows = np.arange(len(y_true))
+
+    def nll(log_t):
+        return -log_softmax(logp / np.exp(log_t), axis=1)[rows, y_true].mean()
+    return float(np.exp(minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded").x))
+
+
 def compute_metrics(y_true, probs):
     """y_true (N,) ints, probs (N, classes) softmax outputs -> the report dict described at the top."""
     y_true, probs = _check_inputs(y_true, probs)

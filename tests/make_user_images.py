@@ -434,8 +434,10 @@ def main(argv=None):
     p.add_argument("--numbers", metavar="DIR", default=None,
                    help="instead: write --per_kind pictures of numbers of each kind in NUMBER_KINDS into DIR/<kind>/ "
                         "(score them with evaluate_numbers.py); --split train makes the development set")
-    p.add_argument("--split", choices=("test", "train"), default="test",
-                   help="with --numbers: the MNIST digits to build numbers from")
+    p.add_argument("--split", choices=("test", "train", "val"), default="test",
+                   help="the MNIST digits to build pictures from: test (the figures we report), train (the "
+                        "reader's development set) or val (the 5,000 validation digits of seed 0, held out from "
+                        "every seed-0 run: for choosing between models)")
     p.add_argument("--photo", metavar="FILE.jpg", default=None,
                    help="instead: write a 12-megapixel photo of an 8-digit number (for evaluate_numbers.py --time)")
     p.add_argument("--examples", metavar="DIR", default=None,
@@ -444,8 +446,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     import tempfile
     import data_loader
+    # val: the validation split train_pytorch.py carves with --seed 0, which no seed-0 model trained on
+    x, y = (data_loader.get_splits(seed=0)["val"] if args.split == "val" else data_loader.load_mnist()[args.split])
     if args.numbers or args.photo:
-        x, y = data_loader.load_mnist()[args.split]
         if args.photo:
             rng = np.random.default_rng(args.seed)
             idx = rng.integers(0, len(x), 8)
@@ -458,13 +461,13 @@ def main(argv=None):
         made = make_number_set(args.numbers, x.numpy(), y.numpy(), NUMBER_KINDS, args.per_kind, args.seed)
         print(f"wrote {len(made)} pictures of numbers into {args.numbers}")
         return 0
-    test_x, test_y = data_loader.load_mnist()["test"]
     if args.examples:
+        test_x, test_y = data_loader.load_mnist()["test"]
         made = make_examples(args.examples, test_x.numpy(), test_y.numpy())
         return score_examples(made, args.model_path)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out) if args.out else Path(tmp)
-        made = make_set(out, test_x.numpy(), test_y.numpy(), args.kinds, args.per_kind, args.seed)
+        made = make_set(out, x.numpy(), y.numpy(), args.kinds, args.per_kind, args.seed)
         results = accuracy_by_kind(made + (other_writers() if args.other_writers else []), args.model_path)
     print(f"{'kind':<12} {'n':>5} {'image_to_mnist':>15} {'naive resize':>13}")
     for kind, (ours, naive, n) in results.items():

@@ -103,6 +103,25 @@ def test_expected_calibration_error(confidences, correct, expected):
     assert metrics.expected_calibration_error(y, probs) == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("sharpness", [0.5, 3.0])
+def test_fit_temperature_finds_how_far_the_probabilities_are_off(sharpness):
+    # Labels drawn from softmax(z): those probabilities are calibrated. Shown softmax(sharpness * z) instead
+    # (overconfident for 3, a label-smoothed model's underconfidence for 0.5), the fit undoes the sharpness.
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 3, (20000, 10))
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    y = np.array([rng.choice(10, p=row) for row in p])
+    shown = np.exp(sharpness * (z - z.max(1, keepdims=True)))
+    shown /= shown.sum(1, keepdims=True)
+    t = metrics.fit_temperature(y, shown.astype(np.float32))
+    assert t == pytest.approx(sharpness, rel=0.05)
+    calibrated = np.exp(np.log(shown) / t)
+    calibrated /= calibrated.sum(1, keepdims=True)
+    assert metrics.expected_calibration_error(y, calibrated) < metrics.expected_calibration_error(y, shown) / 3
+    assert (calibrated.argmax(1) == shown.argmax(1)).all()
+
+
 def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="expected labels"):
         metrics.compute_metrics([0, 1, 2], np.full((2, 10), 0.1))

@@ -6,7 +6,7 @@ import zipfile
 import pytest
 import torch
 
-from cnn_pytorch import MODELS, build_model, count_parameters
+from cnn_pytorch import MODELS, build_model, count_parameters, fold_temperature
 
 from checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from data_loader import NORMALIZATION
@@ -40,6 +40,17 @@ def test_every_model_learns_a_batch(name):
         opt.step()
     assert loss.item() < 0.5 * first
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_folded_temperature_divides_the_logits_exactly(name):
+    torch.manual_seed(0)
+    model = build_model(name).eval()
+    x = torch.randn(8, 1, 28, 28)
+    with torch.no_grad():
+        before = model(x)
+        fold_temperature(model, 0.6)
+        assert torch.allclose(model(x), before / 0.6, atol=1e-5)
 
 
 def test_unknown_model_is_refused():

@@ -9,8 +9,10 @@ from contextlib import contextmanager, nullcontext
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import train_pytorch
+from checkpoint import load_checkpoint
 from conftest import DEVICE, ROOT
 
 SCRIPT = str(ROOT / "train_pytorch.py")
@@ -101,6 +103,23 @@ def test_a_run_writes_every_documented_output(small_run):
     assert "test accuracy" in (small_run / "metrics_simple.txt").read_text()
     rows = list(csv.DictReader(open(small_run / "history_simple.csv")))
     assert len(rows) == 1 and float(rows[0]["val_acc"]) == pytest.approx(ckpt["val_accuracy"], abs=1e-6)
+
+
+def test_the_kept_model_is_calibrated_on_validation(small_run):
+    # The temperature fitted on the run's validation split is folded into the saved model: on those images its
+    # cross-entropy is the lowest any temperature gives, so it beats the model as trained (temperature 1).
+    import data_loader
+    model, ckpt = load_checkpoint(small_run / "best_model_simple_pt.pth")
+    t = ckpt["temperature"]
+    assert 0.05 < t < 20 and t != 1.0
+    images, labels = data_loader.split_train_val(*data_loader.load_mnist()["train"], val_size=1000, seed=0)[1]
+    with torch.no_grad():
+        logits = model(data_loader.normalize(images))
+    nll = {s: F.cross_entropy(logits * s, labels).item() for s in (1.0, t, 0.9, 1.1)}
+    assert nll[1.0] <= min(nll[t], nll[0.9], nll[1.1])  # logits * t: as trained; 0.9, 1.1: a little off the fit
+    report = json.loads((small_run / "metrics_simple.json").read_text())
+    assert report["temperature"] == pytest.approx(t, abs=1e-4)
+    assert "temperature" in (small_run / "metrics_simple.txt").read_text()
 
 
 # On a GPU: eager steps (a replayed graph does not call TrainStep, so it could not be interrupted by counting

@@ -8,7 +8,7 @@ switch widens the canvas for several digits and shows the reading, each digit's 
 
 API (JSON out; errors are {"error": "one line"} with a 4xx status):
     GET  /          the page
-    GET  /health    {"status": "ok", "model": "simple", "checkpoint": "best_model_simple_pt.pth", ...}
+    GET  /health    {"status": "ok", "model": "improved", "checkpoint": "best_model_improved_pt.pth", ...}
     POST /predict   body: the raw bytes of one picture (PNG, JPEG, BMP, GIF, TIFF, WebP; any Content-Type),
                     e.g. `curl --data-binary @digit.png http://127.0.0.1:8000/predict`
                     200 {"prediction": 7, "confidence": 0.98, "probabilities": [10 floats],
@@ -58,7 +58,7 @@ def parse_args(argv=None):
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model_path", "--model-path", default=None,
                    help="checkpoint to use; default: results/best_model_simple_pt.pth, else the newest "
-                        "results/best_model_*.pth, else the shipped pretrained/best_model_simple_pt.pth")
+                        "results/best_model_*.pth, else the shipped pretrained/best_model_improved_pt.pth")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; 0.0.0.0 lets other machines on your network use the page")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port, printed at start)")

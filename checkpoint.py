@@ -21,7 +21,7 @@ from cnn_pytorch import CLASSES, MODELS, build_model
 from common import PROJECT_DIR, atomic_write
 
 DEFAULT_MODEL = PROJECT_DIR / "results" / "best_model_simple_pt.pth"
-PRETRAINED_MODEL = PROJECT_DIR / "pretrained" / "best_model_simple_pt.pth"  # shipped: works on a fresh clone
+PRETRAINED_MODEL = PROJECT_DIR / "pretrained" / "best_model_improved_pt.pth"  # shipped: works on a fresh clone
 CHECKPOINT_FORMAT = "mnist-cnn/1"
 INPUT_NAME, OUTPUT_NAME = "input", "logits"  # the names of an exported ONNX model's input and output
 

@@ -32,7 +32,7 @@ def parse_args(argv=None):
                    help="one or more checkpoints written by train_pytorch.py; several are also scored as an "
                         "ensemble (relative paths are looked up here, then in the project folder); default: "
                         "results/best_model_simple_pt.pth, else the newest results/best_model_*.pth, else the "
-                        "shipped pretrained/best_model_simple_pt.pth")
+                        "shipped pretrained/best_model_improved_pt.pth")
     p.add_argument("--save_dir", "--save-dir", default="results",
                    help="where the reports go (relative paths are taken from the project folder)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")

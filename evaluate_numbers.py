@@ -37,7 +37,7 @@ def parse_args():
     p.add_argument("folder", nargs="?", help="pictures of numbers, in one subfolder per kind")
     p.add_argument("--model_path", "--model-path", default=None,
                    help="checkpoint; default: the one predict.py uses (results/best_model_simple_pt.pth, else "
-                        "the shipped pretrained/best_model_simple_pt.pth)")
+                        "the shipped pretrained/best_model_improved_pt.pth)")
     p.add_argument("--recipe", choices=("reader", "plain"), default="reader",
                    help="reader: preprocess.read_number (predict.py --number); plain: threshold, components, "
                         "sort by x, classify each")

@@ -61,7 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--model_path", "--model-path", default=None,
                    help="checkpoint written by train_pytorch.py (a relative path is looked up from the current "
                         "folder, then from the project folder); default: results/best_model_simple_pt.pth, else "
-                        "the newest results/best_model_*.pth, else the shipped pretrained/best_model_simple_pt.pth")
+                        "the newest results/best_model_*.pth, else the shipped pretrained/best_model_improved_pt.pth")
     p.add_argument("--format", default="all", choices=["all", *FORMATS, *FORMAT_ALIASES],
                    help="what to write: all, pt2 (torch.export program; 'torchscript' is a name for it), onnx, "
                         "int8 (also writes the fp32 .onnx it is quantised from)")

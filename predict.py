@@ -39,7 +39,7 @@ def parse_args(argv=None):
                         "examples/ holds five to try")
     p.add_argument("--model_path", "--model-path", default=None,
                    help="checkpoint to use; default: results/best_model_simple_pt.pth, else the newest "
-                        "results/best_model_*.pth, else the shipped pretrained/best_model_simple_pt.pth")
+                        "results/best_model_*.pth, else the shipped pretrained/best_model_improved_pt.pth")
     p.add_argument("--model_type", "--model-type", default=None, choices=list(MODELS),
                    help="the model the checkpoint must hold; the checkpoint says what it is, so this only guards "
                         "against using the wrong file (a mismatch is an error)")

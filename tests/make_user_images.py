@@ -17,7 +17,7 @@ and, not made from MNIST, other_writers(): scikit-learn's bundled UCI digits by 
 Used by tests/test_predict.py (a few dozen per kind, in tmp_path) and, run as a script, to measure accuracy
 per kind with a checkpoint, against a naive resize-to-28x28:
 
-    python tests/make_user_images.py --per_kind 500 --model_path pretrained/best_model_simple_pt.pth
+    python tests/make_user_images.py --per_kind 500 --model_path pretrained/best_model_improved_pt.pth
 
 Numbers (several digits in one picture, NUMBER_KINDS below) for evaluate_numbers.py:
 
@@ -207,7 +207,7 @@ EXAMPLES = (
     ("photo_7.jpg", "photo", 0, 320, 80),        # phone photo of ink on paper, stored sideways + EXIF tag
     ("scan_2.jpg", "scan", 1, 700, 75),          # a whole letter-size page scanned, one digit on it
     ("drawing_3.png", "rgba", 30, None, None),   # drawing-app export: strokes on a transparent background
-    ("canvas_5.png", "big_canvas", 8, None, None),  # white-on-black canvas, small digit off the centre
+    ("canvas_5.png", "big_canvas", 15, None, None),  # white-on-black canvas, small digit off the centre
     ("pen_8.png", "thin_stroke", 61, None, None),   # thin pen on a large white canvas
 )
 
@@ -429,7 +429,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed for digits and distortions")
     p.add_argument("--other_writers", action=argparse.BooleanOptionalAction, default=True,
                    help="also score scikit-learn's 1,797 UCI digits by 43 other writers (8x8, upscaled)")
-    p.add_argument("--model_path", default=str(root / "pretrained" / "best_model_simple_pt.pth"),
+    p.add_argument("--model_path", default=str(root / "pretrained" / "best_model_improved_pt.pth"),
                    help="checkpoint to score (default: the shipped pretrained model)")
     p.add_argument("--numbers", metavar="DIR", default=None,
                    help="instead: write --per_kind pictures of numbers of each kind in NUMBER_KINDS into DIR/<kind>/ "

@@ -31,7 +31,7 @@ def main():
     p.add_argument("--numbers", default="results/numbers_test", help="the set written by make_user_images.py")
     p.add_argument("--per_kind", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model_path", default=str(ROOT / "pretrained" / "best_model_simple_pt.pth"))
+    p.add_argument("--model_path", default=str(ROOT / "pretrained" / "best_model_improved_pt.pth"))
     args = p.parse_args()
     x, y = data_loader.load_mnist()["test"]
     model, ckpt = load_checkpoint(args.model_path)

@@ -31,7 +31,7 @@ from make_user_images import thin  # tests/ is on the path: pytest puts a test f
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "app.py"
-PRETRAINED = ROOT / "pretrained" / "best_model_simple_pt.pth"
+PRETRAINED = ROOT / "pretrained" / "best_model_improved_pt.pth"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
@@ -140,9 +140,10 @@ def check_answer(answer, label):
 
 # ---- the API -----------------------------------------------------------------------------------------------------
 
-def test_health_and_page(server):
+def test_health_and_page(server, app_model):
     status, health, _ = request(server + "/health")
-    assert status == 200 and health["status"] == "ok" and health["model"] == "simple"
+    shipped = torch.load(app_model, map_location="cpu", weights_only=True)
+    assert status == 200 and health["status"] == "ok" and health["model"] == shipped["model"]
     status, page, head = request(server + "/")
     assert status == 200 and head["Content-Type"].startswith("text/html")
     assert b'<canvas id="canvas"' in page and b"http://" not in page and b"https://" not in page  # nothing remote

@@ -62,7 +62,7 @@ def test_trained_judge_is_a_checkpoint_the_digit_commands_refuse(tmp_path, capsy
     code, _, err = run(["--image_path", str(ROOT / "examples"), "--model_path", str(out)], capsys)
     assert code == 2 and len(err) == 1 and "classes" in err[0], err
     with pytest.raises(CheckpointError, match="classes"):
-        nj.load_judge(ROOT / "pretrained" / "best_model_simple_pt.pth")
+        nj.load_judge(ROOT / "pretrained" / "best_model_improved_pt.pth")
 
 
 def test_outputs_and_inputs_must_match_the_classes(tmp_path):

@@ -20,7 +20,7 @@ import make_user_images as mk  # noqa: E402
 from test_predict import run  # noqa: E402  (predict.main in-process: exit code, stdout and stderr lines)
 
 ROOT = Path(__file__).resolve().parent.parent
-PRETRAINED = ROOT / "pretrained" / "best_model_simple_pt.pth"
+PRETRAINED = ROOT / "pretrained" / "best_model_improved_pt.pth"
 BROKEN_FIVE = 8  # MNIST test image 8 is a 5 whose top bar is apart from its body (two parts at any size)
 
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_user_images as mk  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-PRETRAINED = ROOT / "pretrained" / "best_model_simple_pt.pth"
+PRETRAINED = ROOT / "pretrained" / "best_model_improved_pt.pth"
 
 
 @pytest.fixture(scope="module")
@@ -328,7 +328,7 @@ def test_bad_flags_are_one_line_and_exit_2(argv, capsys):
 
 
 def test_default_model_order(tmp_path, monkeypatch):
-    results, shipped = tmp_path / "results", tmp_path / "pretrained" / "best_model_simple_pt.pth"
+    results, shipped = tmp_path / "results", tmp_path / "pretrained" / "best_model_improved_pt.pth"
     results.mkdir()
     monkeypatch.setattr(checkpoint, "DEFAULT_MODEL", results / "best_model_simple_pt.pth")
     monkeypatch.setattr(checkpoint, "PRETRAINED_MODEL", shipped)

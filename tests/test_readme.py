@@ -216,7 +216,7 @@ def test_quick_start_runs_verbatim_on_a_fresh_copy(project):
             tried = run(project, lines[-1][len("Next: "):])  # the command demo.py suggests, as printed
             assert len(digits_read(tried.stdout)) == 5
         elif script == "predict.py" and not trained.exists():  # before training: the shipped model, all right
-            assert done.stderr.startswith(f"model: {dest / 'pretrained' / 'best_model_simple_pt.pth'} ")
+            assert done.stderr.startswith(f"model: {dest / 'pretrained' / 'best_model_improved_pt.pth'} ")
             read = digits_read(done.stdout)
             assert len(read) == 5 and all(name == said for name, said in read), done.stdout
         elif script == "train_pytorch.py":

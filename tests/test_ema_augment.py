@@ -55,7 +55,8 @@ def test_the_average_differs_from_the_model_and_the_better_one_is_kept(tmp_path,
     assert ema["n_averaged"].item() == 2000 // 128  # one update per step
     # the average's weights, its last layer divided by the temperature calibration fitted (train_pytorch.calibrate)
     last_layer = ("classifier.1.weight", "classifier.1.bias")
-    assert all(torch.equal(best["state_dict"][k], ema[f"module.{k}"]) for k in best["state_dict"] if k not in last_layer)
+    assert all(torch.equal(best["state_dict"][k], ema[f"module.{k}"])
+               for k in best["state_dict"] if k not in last_layer)
     assert all(torch.allclose(best["state_dict"][k], ema[f"module.{k}"] / best["temperature"]) for k in last_layer)
     floats = [k for k, v in last["state_dict"].items() if v.is_floating_point()]
     assert all(not torch.equal(last["state_dict"][k], ema[f"module.{k}"]) for k in floats if "weight" in k)

@@ -254,9 +254,9 @@ def test_string_accuracy_on_a_small_generated_set(kind, mnist_test, tmp_path):
     """A regression floor: 20 pictures each of spaced numbers on paper and on a canvas, of long numbers and of
     touching digits, read with the shipped model and the shipped number judge; one test per kind, so that the
     workers share them. With the improved CNN shipped (2026-12-06): 20, 19 and 19 of 20 spaced on paper, on a
-    canvas and long right, 17 of 20 touching (with the simple CNN before it: 58 of 60 and 16; 11 touching without the judge, 8
-    before touching clusters got seams from the top and no cost per digit, so a floor of 70% catches the loss of
-    the judge); the floors leave room for a few."""
+    canvas and long right, 17 of 20 touching (with the simple CNN before it: 58 of 60 and 16; 11 touching without
+    the judge, 8 before touching clusters got seams from the top and no cost per digit, so a floor of 70% catches
+    the loss of the judge); the floors leave room for a few."""
     import evaluate_numbers
     import number_judge
     from checkpoint import load_checkpoint
@@ -266,6 +266,7 @@ def test_string_accuracy_on_a_small_generated_set(kind, mnist_test, tmp_path):
     (tmp_path / "all" / kind).rename(tmp_path / "one" / kind)
     model, ckpt = load_checkpoint(PRETRAINED)
     classify = evaluate_numbers.make_classifier(model, ckpt["normalization"]["mean"], ckpt["normalization"]["std"])
-    table = evaluate_numbers.score(tmp_path / "one", "reader", classify, judge=number_judge.judge_for())  # shipped judge
+    judge = number_judge.judge_for()  # the shipped judge
+    table = evaluate_numbers.score(tmp_path / "one", "reader", classify, judge=judge)
     assert list(table) == [kind] and table[kind]["n"] == 20
     assert table[kind]["string_accuracy"] >= SMALL_SET_FLOORS[kind], table[kind]

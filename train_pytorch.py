@@ -36,7 +36,7 @@ from tqdm import tqdm
 import data_loader
 import distributed
 import fast_step
-from checkpoint import CheckpointError, atomic_save, make_checkpoint, read_checkpoint, unwrap
+from checkpoint import CheckpointError, atomic_save, load_checkpoint, make_checkpoint, read_checkpoint, unwrap
 from cnn_pytorch import MODELS, build_model, count_parameters, fold_temperature
 from common import (PROJECT_DIR, OneLineParser, atomic_write, fail as _fail, memory_format, random_state,
                     set_random_state, synchronize)
@@ -143,6 +143,9 @@ def parse_args(argv=None):
     p.add_argument("--data_dir", "--data-dir", default=str(PROJECT_DIR / "data"), help="where MNIST lives")
     p.add_argument("--save_dir", "--save-dir", default="results",
                    help="where checkpoints and reports go (relative paths are taken from the project folder)")
+    p.add_argument("--init_from", "--init-from", default=None, metavar="CHECKPOINT",
+                   help="fine-tune: start from the weights of a model file written by this script (its model "
+                        "type and arguments; --model must match), with a fresh optimiser and schedule")
     p.add_argument("--resume", action="store_true",
                    help="continue from <save_dir>/last_<model>_pt.pth with the settings it was started with")
     p.add_argument("--dry_run", "--dry-run", action="store_true",
@@ -180,6 +183,8 @@ def check_args(parser, args):
     if args.dropout is not None and args.model not in DROPOUT_ARGS:
         parser.error(f"--dropout: the {args.model} model has no dropout; drop the flag or pick "
                      f"{' or '.join(DROPOUT_ARGS)}")
+    if args.init_from is not None and args.resume:
+        parser.error("--init_from starts a new run from a model file, --resume continues one: pass one of them")
     if args.patience < 0 or (args.train_subset is not None and args.train_subset < 1):
         parser.error("--patience must be >= 0 and --train_subset >= 1")
     args.device = str(parser.device(args.device))
@@ -456,9 +461,20 @@ def set_up(args, dist, say):
     except ValueError as err:
         fail(str(err), 2)
 
-    # The model.
+    # The model: new, or (--init_from) a saved one's weights to fine-tune, built with that file's arguments.
     run.model_args = model_args_for(args)
+    start = None
+    if args.init_from is not None and resume is None:
+        try:
+            start, saved = load_checkpoint(args.init_from, expected_model=args.model)
+        except CheckpointError as err:
+            fail(str(err), 2)
+        run.model_args = {**saved["model_args"], **run.model_args}  # --dropout still overrides
+    elif resume is not None:
+        run.model_args = resume.get("model_args", run.model_args)  # as the run was built (a fine-tune's: its file's)
     model = run.model = build_model(args.model, **run.model_args).to(device).to(memory_format=layout)
+    if start is not None:
+        model.load_state_dict(start.state_dict())
     run.n_params = count_parameters(model)
     if args.ema:
         # swa_utils' moving average: a copy of the model whose weights and batch-norm buffers (use_buffers) follow

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import train_pytorch
-from checkpoint import load_checkpoint
+from checkpoint import load_checkpoint, read_checkpoint
 from conftest import DEVICE, ROOT
 
 SCRIPT = str(ROOT / "train_pytorch.py")
@@ -59,6 +59,7 @@ def test_dry_run_of_the_improved_model_too(tmp_path, capsys):
     (["--optimizer", "lbfgs"], "invalid choice"),
     (["--label_smoothing", "1.0"], "--label_smoothing must be in [0, 1)"),
     (["--preset", "slow"], "invalid choice"),
+    (["--init_from", "model.pth", "--resume"], "--init_from starts a new run from a model file"),
 ])
 def test_bad_flags_give_one_line_and_exit_2_and_write_nothing(tmp_path, capsys, flags, message):
     out = tmp_path / "out"
@@ -125,6 +126,29 @@ def test_the_kept_model_is_calibrated_on_validation(small_run):
 # On a GPU: eager steps (a replayed graph does not call TrainStep, so it could not be interrupted by counting
 # calls) and deterministic kernels (else the resumed run is only close to the uninterrupted one, not equal).
 EXACT_ON_GPU = ["--cuda_graphs", "off", "--deterministic"] if DEVICE == "cuda" else []
+
+
+def test_init_from_fine_tunes_a_saved_model_instead_of_starting_from_scratch(tmp_path, small_run, capsys):
+    # 256 images at a rate too small to move the weights: the run ends where the file began (about 96% on the
+    # same 1,000 validation images), where a new model would be near chance
+    flags = ["--model", "simple", "--epochs", "1", "--train_subset", "256", "--val_size", "1000", "--learning_rate",
+             "1e-9", "--max_lr", "1e-8", "--device", DEVICE, "--no_test", "--no_plots", "--no_progress"]
+    code, _, err = run_here(capsys, *flags, "--init_from", str(small_run / "best_model_simple_pt.pth"),
+                            "--save_dir", str(tmp_path / "tuned"))
+    assert code == 0, err
+    start = read_checkpoint(small_run / "best_model_simple_pt.pth")
+    tuned = read_checkpoint(tmp_path / "tuned" / "best_model_simple_pt.pth")
+    assert tuned["val_accuracy"] > 0.9 and abs(tuned["val_accuracy"] - start["val_accuracy"]) < 0.01
+    code, _, err = run_here(capsys, *flags, "--save_dir", str(tmp_path / "new"))
+    assert code == 0 and read_checkpoint(tmp_path / "new" / "best_model_simple_pt.pth")["val_accuracy"] < 0.5
+
+
+def test_init_from_a_file_of_another_model_is_a_clear_error(tmp_path, small_run, capsys):
+    code, _, err = run_here(capsys, "--model", "improved", "--init_from", str(small_run / "best_model_simple_pt.pth"),
+                            "--device", DEVICE, "--save_dir", str(tmp_path / "out"))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "holds a 'simple' model, not 'improved'" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def interrupt_after(monkeypatch, steps):
@@ -567,7 +591,7 @@ def test_dropout_flag_reaches_the_model_and_the_checkpoint(tmp_path):
     assert train_pytorch.main(["--model", "simple", "--dropout", "0.3", "--train_subset", "1000", "--val_size",
                                "500", "--epochs", "1", "--device", DEVICE, "--no_progress", "--no_plots", "--no_test",
                                "--save_dir", str(tmp_path)]) == 0
-    from checkpoint import load_checkpoint
+    from checkpoint import load_checkpoint, read_checkpoint
     model, ckpt = load_checkpoint(tmp_path / "best_model_simple_pt.pth")
     assert ckpt["model_args"] == {"dropout": 0.3}
     assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.3}

@@ -39,13 +39,16 @@ from PIL import Image, ImageFilter
 KINDS = ("paper_jpeg", "paper_png", "rgba", "big_canvas", "thin_stroke", "photo", "scan", "mnist28")
 
 
-def _upscale(digit, height, rng):
+def _upscale(digit, height, rng, tilt=True):
     """An MNIST digit (28x28 uint8) as ink coverage in [0, 1] at `height` pixels, crisp anti-aliased edges.
 
     Bicubic upscaling gives soft blurry strokes; a steep ramp around mid-grey turns them into the sharp
-    edge a marker or pen leaves, and a small random rotation stands in for a tilted page.
+    edge a marker or pen leaves (and drops the faint grey a blurry source has), and a small random rotation
+    stands in for a tilted page (tilt=False: none, and rng is not drawn from).
     """
-    img = Image.fromarray(digit, "L").rotate(rng.uniform(-6, 6), resample=Image.Resampling.BICUBIC)
+    img = Image.fromarray(digit, "L")
+    if tilt:
+        img = img.rotate(rng.uniform(-6, 6), resample=Image.Resampling.BICUBIC)
     up = img.resize((height, height), Image.Resampling.BICUBIC)
     a = np.asarray(up, dtype=np.float32) / 255.0
     return np.clip((a - 0.35) * 4.0, 0.0, 1.0)

@@ -464,7 +464,7 @@ def set_up(args, dist, say):
     # The model: new, or (--init_from) a saved one's weights to fine-tune, built with that file's arguments.
     run.model_args = model_args_for(args)
     start = None
-    if args.init_from is not None and resume is None:
+    if args.init_from is not None:  # never with --resume (check_args)
         try:
             start, saved = load_checkpoint(args.init_from, expected_model=args.model)
         except CheckpointError as err:

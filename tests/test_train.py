@@ -591,7 +591,7 @@ def test_dropout_flag_reaches_the_model_and_the_checkpoint(tmp_path):
     assert train_pytorch.main(["--model", "simple", "--dropout", "0.3", "--train_subset", "1000", "--val_size",
                                "500", "--epochs", "1", "--device", DEVICE, "--no_progress", "--no_plots", "--no_test",
                                "--save_dir", str(tmp_path)]) == 0
-    from checkpoint import load_checkpoint, read_checkpoint
+    from checkpoint import load_checkpoint
     model, ckpt = load_checkpoint(tmp_path / "best_model_simple_pt.pth")
     assert ckpt["model_args"] == {"dropout": 0.3}
     assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.3}

@@ -192,6 +192,21 @@ def test_a_crumb_against_a_digit_is_not_a_point(mnist_test, tmp_path, capsys):
     assert out[0].split(": ")[1].split()[0] == "314", out
 
 
+def test_a_digit_in_short_pieces_is_read_not_dropped(mnist_test, tmp_path, capsys):
+    # the 8 of 383 cut by blank rows into pieces each shorter than a speck (preprocess.SPECK_HEIGHT): together
+    # they stand as tall as the digits beside it, so they are one broken digit (preprocess._broken_digits)
+    cover = strip(mnist_test, [first_of(mnist_test, d) for d in (3, 8, 3)], [0.5, 0.5])
+    inked = cover.max(0) > 0
+    starts = np.flatnonzero(inked[1:] & ~inked[:-1]) + 1  # where the 8 and the last 3 begin
+    x0, x1 = starts[0], starts[1]
+    rows = np.flatnonzero(cover[:, x0:x1].max(1) > 0)
+    step = int(0.25 * (rows[-1] - rows[0] + 1))
+    cover[rows[0] + step:rows[-1]:step, x0:x1] = 0.0  # one blank row parts them
+    code, out, _ = run(["--image_path", on_paper(cover, tmp_path / "383.png"), "--number"], capsys)
+    assert code == 0
+    assert out[0].split(": ")[1].split()[0] == "383", out
+
+
 def test_json_has_number_confidence_digits_and_boxes(mnist_test, tmp_path, capsys):
     indices = [first_of(mnist_test, d) for d in (8, 6)]
     path = on_paper(strip(mnist_test, indices, [0.5]), tmp_path / "86.png")

@@ -531,11 +531,11 @@ DOT_GAP = 0.08           # ... and it stands apart from the digits beside it by 
                          # a 3's tail broken off right against it is not a point (development sets, MNIST train:
                          # '9.28' for 928 at a gap of 0, '17224.30' for 1722430 at 0.07 H; none was a point)
 SPECK_HEIGHT = 0.3       # parts shorter than this share of the line's digit height are not digits by themselves
-# ... but short parts that lie together and span BROKEN_HEIGHT of it are one digit written faintly, in pieces.
-# On the development and validation sets (MNIST train, seeds 202, 303, 505 and 606; validation digits, seed 404:
-# 4,000 pictures) it changed 3 readings, all from wrong to right (a dropped 8 and a dropped 5, a 5 read as '-'),
-# and none of the 1,200 test pictures.
-BROKEN_HEIGHT = 0.6
+PIECE_HEIGHT = 0.6       # a digit stands at least this share of it: shorter ink is a piece of one
+# ... so short parts that lie together and stand PIECE_HEIGHT tall between them are one digit written faintly,
+# in pieces. On the development and validation sets (MNIST train, seeds 202, 303, 505 and 606; validation
+# digits, seed 404: 4,000 pictures) it changed 3 readings, all from wrong to right (a dropped 8 and a dropped 5,
+# a 5 read as '-'), and none of the 1,200 test pictures.
 LINE_CORE = 0.2          # a part's box, less this share at top and bottom, says which rows its line covers
 CUTTABLE_WIDTH = 0.75    # a part wider than this share of the digit height may be several touching digits
 # A part wider than CUT_INSIDE_WIDTH digit heights is also cut inside, at the thin columns of its ink: a 1 that
@@ -774,7 +774,7 @@ def _classify_marks(height, group):
 
 def _broken_digits(height, group, tall):
     """The ids of short parts that are the pieces of one faint digit: apart from every tall part's columns,
-    each within CLUSTER_GAP of the next, and together at least BROKEN_HEIGHT of the line's digit height. An 8
+    each within CLUSTER_GAP of the next, and together at least PIECE_HEIGHT of the line's digit height. An 8
     written faintly in five pieces, each under SPECK_HEIGHT, was dropped as five specks ('0353837' read
     '035337', development set, MNIST train)."""
     near = CLUSTER_GAP * height
@@ -785,7 +785,7 @@ def _broken_digits(height, group, tall):
         joined = [g for g in groups if any(_box_gap(p, q) <= near for q in g)]
         groups = [g for g in groups if all(g is not j for j in joined)] + [sum(joined, []) + [p]]
     return {id(p) for g in groups if len(g) > 1
-            and max(q.y1 for q in g) - min(q.y0 for q in g) + 1 >= BROKEN_HEIGHT * height for p in g}
+            and max(q.y1 for q in g) - min(q.y0 for q in g) + 1 >= PIECE_HEIGHT * height for p in g}
 
 
 def _box_gap(p, q):
@@ -938,8 +938,8 @@ def _candidate(found, height, cluster, box, left, right, typical=None):
     crop = crop[ry[0]:ry[-1] + 1, rx[0]:rx[-1] + 1]
     h, w = by1 - by0, bx1 - bx0
     prior = -_segment_cost(height, cluster, typical)
-    if h < 0.6 * height:  # a piece of a digit, or a sliver left by a bad cut
-        prior -= 12.0 * (0.6 - h / height)
+    if h < PIECE_HEIGHT * height:  # a piece of a digit, or a sliver left by a bad cut
+        prior -= 12.0 * (PIECE_HEIGHT - h / height)
     if w > WIDE * height:  # wider than most single digits: probably two
         prior -= WIDE_COST * (w / height - WIDE)
     try:

@@ -9,19 +9,21 @@ comparison table that is also saved as results/export/report.md:
                      for it so the documented command still works, and says so.
   <model>.onnx       ONNX with a dynamic batch dimension (torch's dynamo exporter), checked with onnx's checker,
                      run with ONNX Runtime: same prediction for every image, logits within 1e-4.
-  <model>_int8.onnx  post-training static int8 quantisation of that ONNX model by ONNX Runtime: every Conv and
-                     Gemm (the Linear layers) gets int8 weights (per channel) and uint8 activations whose ranges
-                     were calibrated on training images, the ReLUs and max-pools between them run on uint8 too,
+  <model>_int8.onnx  post-training static 8-bit quantisation of that ONNX model by ONNX Runtime: every Conv and
+                     Gemm (the Linear layers) gets 8-bit weights (per channel) and 8-bit activations whose ranges
+                     were calibrated on training images, the ReLUs and max-pools between them run on 8 bits too,
                      and only the logits stay float so that they are never clipped. About 25% of the fp32 size.
-                     ONNX Runtime runs it with int8 kernels on any CPU, unlike torch's own paths: the eager/FX
-                     torch.ao.quantization is deprecated, and PT2E (now in torchao) only runs int8 kernels after
-                     torch.compile, which needs a C++ compiler where the model runs.
+                     Weights and activations are both unsigned (U8U8), so every CPU computes the same integers
+                     (see quantize_int8). ONNX Runtime runs it with integer kernels on any CPU, unlike torch's own
+                     paths: the eager/FX torch.ao.quantization is deprecated, and PT2E (now in torchao) only runs
+                     int8 kernels after torch.compile, which needs a C++ compiler where the model runs.
 
 Both ONNX files say how to feed them in their metadata (normalisation mean and std, classes), and
 checkpoint.load_onnx_model() is the one way this project runs them (predict.py uses it for .onnx files).
 """
 import argparse
 import contextlib
+import functools
 import io
 import json
 import platform
@@ -74,7 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--bench_seconds", "--bench-seconds", type=float, default=2.0,
                    help="seconds spent timing each artifact at batch 1 and again at batch 256")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                   help="CPU threads for PyTorch and ONNX Runtime alike, so the timings compare")
+                   help="CPU threads for PyTorch and ONNX Runtime alike in the throughput column (latency is "
+                        "timed on one thread for all)")
     p.add_argument("--data_dir", "--data-dir", default=str(PROJECT_DIR / "data"), help="where MNIST lives")
     return p
 
@@ -178,11 +181,18 @@ def set_metadata(proto, metadata):
 def quantize_int8(onnx_path, path, calibration_images, metadata, batch_size=100):
     """Post-training static quantisation of an fp32 ONNX model by ONNX Runtime, QDQ format.
 
-    Conv and Gemm get int8 weights per output channel and uint8 activations, with ranges from min/max
+    Conv and Gemm get uint8 weights per output channel and uint8 activations, with ranges from min/max
     calibration over `calibration_images` (normalised float32, (N, 1, 28, 28), from the training split). The ops
     between them (ReLU, MaxPool, Reshape) are left to the quantiser too, so ORT fuses the graph into QLinearConv,
     uint8 MaxPool and QGemm with no float round trips. The final logits stay float: quantising them would clip
-    any logit beyond the calibration range (the last Gemm then returns float, still with int8 weights and input).
+    any logit beyond the calibration range (the last Gemm then returns float, still with 8-bit weights and input).
+
+    Why unsigned weights (U8U8) and not ONNX Runtime's usual signed ones (U8S8): on x86 CPUs without VNNI (AVX2
+    only) ORT multiplies uint8 by int8 with VPMADDUBSW, which adds each pair of products into a saturating int16,
+    so large activations against large weights are clipped; with VNNI (and on ARM) the same file is exact. That
+    made the int8 file lose 0.2-0.6 points on AVX2-only machines only. U8U8 widens to int16 before multiplying and
+    never saturates, so the integers are the same on every CPU, at the full 8 bits (reduce_range, the other
+    documented cure, keeps U8S8's kernel but gives up a bit of every weight). docs/export.md has the figures.
     """
     onnx = require("onnx", "needed to write ONNX files")
     require("onnxruntime", "it does the int8 quantisation")
@@ -206,12 +216,12 @@ def quantize_int8(onnx_path, path, calibration_images, metadata, batch_size=100)
         quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
         quantized = Path(tmp) / "int8.onnx"
         quantize_static(str(prepared), str(quantized), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8,
                         calibrate_method=CalibrationMethod.MinMax,
                         extra_options={"OpTypesToExcludeOutputQuantization": ["Gemm", "MatMul"]})
         proto = onnx.load(str(quantized))
         set_metadata(proto, {**metadata, "mnist.quantization": (
-            f"int8 static (ONNX Runtime QDQ): Conv/Gemm weights int8 per channel, activations uint8, min/max "
+            f"8-bit static (ONNX Runtime QDQ, U8U8): Conv/Gemm weights uint8 per channel, activations uint8, min/max "
             f"calibrated on {len(calibration_images)} training images; logits float")})
         onnx.checker.check_model(proto, full_check=True)
         return _replace_atomically(lambda t: onnx.save(proto, str(t)), path)
@@ -262,20 +272,37 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
-def measure(name, path, run, images, labels, reference, bench_seconds):
-    """One row of the report: size, accuracy, latency, throughput, agreement with the PyTorch logits."""
+@contextlib.contextmanager
+def torch_threads(threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def measure(name, path, load, images, labels, reference, bench_seconds, threads):
+    """One row of the report: size, accuracy, latency, throughput, agreement with the PyTorch logits.
+
+    load(n) gives the artifact as a callable on n CPU threads. Latency (one picture) is timed on one thread for
+    every artifact alike: a 28x28 picture is too little work to share, and PyTorch handing it to two threads
+    was 20 times slower than one on a busy 2-core machine. Throughput (256 pictures) uses `threads`.
+    """
+    with torch_threads(1):
+        latency = time_per_call(load(1), images[:1], bench_seconds, 10)
+    run = load(threads)
     logits = predict_logits(run, images)
     return {"artifact": name, "path": Path(path), "size": Path(path).stat().st_size,
-            "accuracy": float((logits.argmax(1) == labels).mean()),
-            "latency_ms": 1e3 * time_per_call(run, images[:1], bench_seconds, 10),
+            "accuracy": float((logits.argmax(1) == labels).mean()), "latency_ms": 1e3 * latency,
             "throughput": 256 / time_per_call(run, images[:256], bench_seconds, 2),
             "max_diff": float(np.abs(logits - reference).max()),
             "same_predictions": int((logits.argmax(1) == reference.argmax(1)).sum())}
 
 
-def report_table(rows):
-    lines = ["| artifact | file size | test accuracy | CPU latency, batch 1 | CPU throughput, batch 256 | "
-             "max logit diff vs fp32 |", "|---|---:|---:|---:|---:|---:|"]
+def report_table(rows, threads):
+    lines = [f"| artifact | file size | test accuracy | CPU latency, batch 1, 1 thread | CPU throughput, batch 256, "
+             f"{threads} thread(s) | max logit diff vs fp32 |", "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         diff = "0 (reference)" if r["artifact"].startswith("PyTorch") else f"{r['max_diff']:.2g}"
         lines.append(f"| {r['artifact']} (`{r['path'].name}`) | {file_size(r['path'])} | {r['accuracy'] * 100:.2f}% | "
@@ -318,8 +345,8 @@ def write_report(path, rows, checks, args, argv, n_images):
     lines = [f"# Export report: {args.model_path.name}", "",
              f"Made by `{command}` on {cpu_name()} with {args.threads} CPU thread(s) ({', '.join(versions)}). "
              f"Accuracy and logit differences over the first {n_images:,} MNIST test images; latency is the median "
-             f"of one-image calls, throughput is 256 over the median time of one 256-image call.", "",
-             *report_table(rows), "", "Checks:", "",
+             f"of one-image calls on one thread, throughput is 256 over the median time of one 256-image call on "
+             f"{args.threads} thread(s).", "", *report_table(rows, args.threads), "", "Checks:", "",
              *[f"- {'ok' if ok else '**FAIL**'}: {sentence}" for ok, sentence in checks], ""]
     return _replace_atomically(lambda tmp: tmp.write_text("\n".join(lines)), path)
 
@@ -358,37 +385,35 @@ def main(argv=None):
 
     print(f"{args.model_path.name}: {name} model | checking on {n:,} test images | {args.threads} CPU thread(s)")
     reference = predict_logits(run_pytorch, images)
-    rows = [{"key": "pytorch", **measure("PyTorch fp32", args.model_path, run_pytorch, images, labels, reference,
-                                         args.bench_seconds)}]
+    bench = (images, labels, reference, args.bench_seconds, args.threads)
+    rows = [{"key": "pytorch", **measure("PyTorch fp32", args.model_path, lambda threads: run_pytorch, *bench)}]
     try:
         if args.format == "torchscript":
             print("--format torchscript: writing a torch.export program (.pt2) instead: TorchScript is deprecated "
                   "in torch (torch.jit.trace/save warn FutureWarning); load it with torch.export.load(path).module()")
         if "pt2" in args.formats:
             path = export_program(model, out / f"{name}.pt2", metadata)
-            rows.append({"key": "pt2", **measure("torch.export program", path, load_program(path), images, labels,
-                                                 reference, args.bench_seconds)})
+            program = load_program(path)
+            rows.append({"key": "pt2", **measure("torch.export program", path, lambda threads: program, *bench)})
             print(f"wrote {path}")
         if "onnx" in args.formats:
             path = export_onnx(model, out / f"{name}.onnx", metadata)
             rows.append({"key": "onnx", **measure("ONNX fp32, ONNX Runtime", path,
-                                                  load_onnx_model(path, args.threads), images, labels, reference,
-                                                  args.bench_seconds)})
+                                                  functools.partial(load_onnx_model, path), *bench)})
             print(f"wrote {path}")
         if "int8" in args.formats:
             train_x = splits["train"][0][:args.calibration_images]
             path = quantize_int8(out / f"{name}.onnx", out / f"{name}_int8.onnx",
                                  data_loader.normalize(train_x).numpy(), metadata)
             rows.append({"key": "int8", **measure("ONNX int8, ONNX Runtime", path,
-                                                  load_onnx_model(path, args.threads), images, labels, reference,
-                                                  args.bench_seconds)})
+                                                  functools.partial(load_onnx_model, path), *bench)})
             print(f"wrote {path}")
     except (ExportError, CheckpointError) as err:
         return fail(str(err), 1)
 
     checks = verify(rows, n)
     report = write_report(out / "report.md", rows, checks, args, argv, n)
-    print("\n".join(report_table(rows)))
+    print("\n".join(report_table(rows, args.threads)))
     for ok, sentence in checks:
         print(f"{'ok  ' if ok else 'FAIL'} {sentence}")
     print(f"report: {report}")

@@ -1,12 +1,16 @@
-"""A person's picture -> an MNIST-style 28x28 digit: image_to_mnist() and the steps it takes, in the order they run.
+"""A person's picture -> an MNIST-style 28x28 digit (image_to_mnist, first half), and a picture of a whole
+number -> its digits (read_number, second half). Each half's steps come in the order they run.
 
 Used by predict.py, app.py and demo.py, never by training (training reads MNIST itself, see data_loader.py).
+The classifier is passed in, so this module never loads a model.
 """
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from scipy import ndimage
 
 from data_loader import MNIST_MEAN, MNIST_STD
 from common import first_line
@@ -21,19 +25,20 @@ from common import first_line
 #   open (any Pillow format, first frame, EXIF orientation) -> ink-bright grey (alpha or polarity)
 #   -> flatten the paper (fitted surface) -> find the digit (connected parts, specks dropped)
 #   -> thicken hairlines -> fit 20x20 with anti-aliasing -> centre of mass at the middle -> normalise.
-# Everything is Pillow and numpy. scipy.ndimage would give labelling, dilation and centre of mass in one call
-# each, but importing it costs about half a second, which a one-image prediction in under 2 s cannot spare;
-# the hand-written pieces (_label_components, _dilate, _place_by_mass) are a dozen lines of numpy each.
-# Pillow has no Otsu or robust background either, hence _spread and _fit_background.
+# Pillow decodes and resamples (its Lanczos filter anti-aliases a shrinking digit; ndimage.zoom does not);
+# scipy.ndimage labels the parts, measures them, dilates and finds the centre of mass. Written here because
+# no library does them: the robust spread of the paper (_spread), the paper surface (_fit_background), which
+# parts make the digit (_digit_region) and the stroke width (_stroke_width).
 # ------------------------------------------------------------------------------------------------------------
 
 WORK_MAX = 1024      # longest side the pixels are worked on at; bigger pictures are box-reduced first
 ANALYSIS_MAX = 128   # longest side of the copy used to find paper, noise and the digit
 DIGIT_BOX = 20       # MNIST digits fit a 20x20 box ...
 FIELD = 28           # ... inside a 28x28 field ...
-MASS_CENTRE = 14.0   # ... with the centre of mass on pixel 14 (measured: 14.00 +- 0.29 over the training set)
-MIN_STROKE = 0.7     # strokes thinner than this in the 20x20 box (MNIST: 1st percentile 1.06, median 2.0) ...
+MASS_CENTRE = 14.0   # ... with the centre of mass on pixel 14
+MIN_STROKE = 0.7     # strokes thinner than this in the 20x20 box (thinner than almost every MNIST digit's) ...
 TARGET_STROKE = 2.0  # ... are thickened to about the MNIST median before resampling
+EIGHT = np.ones((3, 3), bool)  # 8-connectivity: pixels that touch at a corner are one stroke
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm", ".pnm")
 
 
@@ -50,8 +55,6 @@ def open_image(source):
 
     Raises ImageError with one line for a missing, empty, unreadable, truncated or non-image file.
     """
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
     if isinstance(source, Image.Image):
         return _upright(_decoded(source))
     if isinstance(source, np.ndarray):
@@ -82,7 +85,6 @@ def open_image(source):
 
 def _decoded(img):
     """Decode a PIL image's first frame now, so a damaged file fails here with one line."""
-    from PIL import Image
     img.info.setdefault("full_size", img.size)  # boxes of a number are given in the file's own pixels
     try:
         if img.format == "JPEG" and max(img.size) > WORK_MAX:
@@ -102,7 +104,6 @@ def _decoded(img):
 
 def _upright(img):
     """Apply the EXIF orientation tag (phone photos are stored sideways with one); broken EXIF is ignored."""
-    from PIL import ImageOps
     full, stored = img.info.get("full_size", img.size), img.size
     try:
         img = ImageOps.exif_transpose(img)
@@ -120,21 +121,22 @@ def _reduce_to(img, max_side):
 
 def _to_float(img):
     """A single-channel PIL image (L, or F already in [0, 1]) as a float32 array in [0, 1]."""
-    import numpy as np
     arr = np.asarray(img, dtype=np.float32)
     return arr if img.mode == "F" else arr / 255.0
 
 
 def _border(arr):
     """The outer ring of an array (about 5% of the side, at least one pixel), flattened."""
-    import numpy as np
     b = max(1, round(0.05 * min(arr.shape)))
     return np.concatenate([arr[:b].ravel(), arr[-b:].ravel(), arr[b:-b, :b].ravel(), arr[b:-b, -b:].ravel()])
 
 
 def _spread(values):
-    """Robust standard deviation (scaled median absolute deviation): JPEG noise and a few ink pixels don't move it."""
-    import numpy as np
+    """Robust standard deviation (scaled median absolute deviation): JPEG noise and a few ink pixels don't move it.
+
+    By hand rather than scipy.stats.median_abs_deviation: it is two lines, on a subsample, and scipy.stats is
+    slow to import.
+    """
     if values.size == 0:
         return 0.0
     values = values.ravel()[:: max(1, values.size // 4096)]  # a few thousand samples pin it down well enough
@@ -149,8 +151,6 @@ def _grey_plane(img):
     mostly opaque with transparent margins is composited over its own paper colour instead. Anything else
     becomes luminance; 16-bit and float images are scaled to [0, 1] by their bit depth.
     """
-    import numpy as np
-    from PIL import Image
     has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
     if has_alpha:
         rgba, _ = _reduce_to(img.convert("RGBA"), WORK_MAX)
@@ -177,14 +177,12 @@ def _is_dark_on_light(flat, noise):
     `flat` is the picture minus its fitted paper surface, so a light gradient across a photo counts for neither;
     `noise` is the paper's own spread, so grain and JPEG noise count for neither either.
     """
-    import numpy as np
     margin = max(0.08, 3.0 * noise)
     return bool(np.clip(-flat - margin, 0, None).sum() > np.clip(flat - margin, 0, None).sum())
 
 
 def _surface(coef, rows, cols, shape):
     """The fitted paper surface at the given (fractional) coarse-pixel centres: a (len(rows), len(cols)) array."""
-    import numpy as np
     y = (np.asarray(rows, np.float32) / shape[0] * 2 - 1)[:, None]
     x = (np.asarray(cols, np.float32) / shape[1] * 2 - 1)[None, :]
     c = [float(v) for v in coef]
@@ -198,10 +196,10 @@ def _paper_region(coarse):
     Light fall-off and soft shadows change slowly, so they stay inside it; ink strokes and the sharp edge of a
     table or a page border cut it off. Starting the paper fit from here keeps a dark table edge from bending it.
     """
-    import numpy as np
-    p = np.pad(coarse, 1, mode="edge")
-    step = np.maximum.reduce([np.abs(coarse - p[:-2, 1:-1]), np.abs(coarse - p[2:, 1:-1]),
-                              np.abs(coarse - p[1:-1, :-2]), np.abs(coarse - p[1:-1, 2:])])
+    # each pixel's largest step up or down to a 4-neighbour: large at an edge, small across a soft shadow
+    cross = ndimage.generate_binary_structure(2, 1)
+    step = np.maximum(ndimage.maximum_filter(coarse, footprint=cross, mode="nearest") - coarse,
+                      coarse - ndimage.minimum_filter(coarse, footprint=cross, mode="nearest"))
     smooth = step < max(0.03, 4.0 * _spread(step))
     labels = _label_components(smooth)
     sizes = np.bincount(labels.ravel())
@@ -217,7 +215,6 @@ def _fit_background(coarse):
     below, are left out and the fit repeated. Returns (6 coefficients for _surface, noise: the robust spread
     of the paper around the fit).
     """
-    import numpy as np
     hc, wc = coarse.shape
     border = _border(coarse)
     half = max(1, max(hc, wc) // 64)  # edges are found on a grid of at most 64, the surface fitted on 32
@@ -233,7 +230,7 @@ def _fit_background(coarse):
     y, x = np.meshgrid(rows / hc * 2 - 1, cols / wc * 2 - 1, indexing="ij")
     basis = np.stack([np.ones_like(y), y, x, y * y, y * x, x * x], -1)
     for _ in range(3):  # fit, leave out what sticks out of the fit (ink), fit again
-        b = basis[background]  # least squares by the 6x6 normal equations: lstsq's SVD is 20x slower here
+        b = basis[background]  # least squares by the 6x6 normal equations: lstsq's SVD is much slower here
         coef = np.linalg.solve(b.T @ b + 1e-6 * np.eye(6), b.T @ coarse[background].astype(np.float64))
         resid = coarse - _surface(coef, rows, cols, (hc, wc))
         noise = _spread(resid[background])
@@ -248,57 +245,26 @@ def _fit_background(coarse):
 
 
 def _label_components(mask):
-    """8-connected components of a boolean array: an int array where each part holds one label, 0 elsewhere.
-
-    Label propagation with pointer jumping (every pixel ends up holding the largest pixel index of its part),
-    which settles in a few dozen numpy passes on the small analysis copy; see the section header for why not
-    scipy.ndimage.label.
-    """
-    import numpy as np
-    h, w = mask.shape
-    labels = np.where(mask, np.arange(1, h * w + 1, dtype=np.int32).reshape(h, w), 0)
-    padded = np.zeros((h + 2, w + 2), np.int32)
-    while True:
-        padded[1:-1, 1:-1] = labels
-        grown = labels.copy()
-        for dy in range(3):
-            for dx in range(3):
-                if dy != 1 or dx != 1:
-                    np.maximum(grown, padded[dy:dy + h, dx:dx + w], out=grown)
-        grown *= mask
-        flat = grown.ravel()
-        inside = flat > 0
-        flat[inside] = flat[flat[inside] - 1]  # jump: take the label of the pixel my label names
-        if np.array_equal(grown, labels):
-            return labels
-        labels = grown
+    """8-connected components of a boolean array: an int array where each part holds one label, 0 elsewhere."""
+    return ndimage.label(mask, EIGHT)[0]
 
 
 def _parts(mask, ink):
     """The connected parts of a mask: (labels, ids, and per part its ink mass, box y0 y1 x0 x1, and edge flag).
 
-    A part is edge-like when it runs along the picture's border for at least 15% of the border's length: the
-    table beside the page, a dark photo margin, a shadow coming in from the side. A digit cropped tightly
-    touches the border only where its strokes end.
+    Box ends y1 and x1 are inclusive. A part is edge-like when it runs along the picture's border for at least
+    15% of the border's length: the table beside the page, a dark photo margin, a shadow coming in from the
+    side. A digit cropped tightly touches the border only where its strokes end.
     """
-    import numpy as np
-    labels = np.zeros(mask.shape, np.int32)
-    ry, rx = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
-    if ry.size:
-        labels[ry[0]:ry[-1] + 1, rx[0]:rx[-1] + 1] = _label_components(mask[ry[0]:ry[-1] + 1, rx[0]:rx[-1] + 1])
-    ids, inverse = np.unique(labels[mask], return_inverse=True)
-    ys, xs = np.nonzero(mask)
-    mass = np.bincount(inverse, weights=ink[mask], minlength=ids.size)
-    y0, y1 = np.full(ids.size, 1 << 30), np.full(ids.size, -1)
-    x0, x1 = np.full(ids.size, 1 << 30), np.full(ids.size, -1)
-    np.minimum.at(y0, inverse, ys)
-    np.maximum.at(y1, inverse, ys)
-    np.minimum.at(x0, inverse, xs)
-    np.maximum.at(x1, inverse, xs)
+    labels = _label_components(mask)
+    ids = np.arange(1, labels.max(initial=0) + 1)
+    mass = ndimage.sum_labels(ink, labels, ids)
+    boxes = [(y.start, y.stop - 1, x.start, x.stop - 1) for y, x in ndimage.find_objects(labels)]
+    y0, y1, x0, x1 = np.array(boxes, int).reshape(-1, 4).T
     h, w = mask.shape
-    on_border = (ys == 0) | (xs == 0) | (ys == h - 1) | (xs == w - 1)
-    contact = np.bincount(inverse[on_border], minlength=ids.size)
-    edge = contact >= 0.15 * 2 * (h + w)
+    border = np.ones((h, w), bool)
+    border[1:-1, 1:-1] = False
+    edge = ndimage.sum_labels(border, labels, ids) >= 0.15 * 2 * (h + w)
     return labels, ids, mass, (y0, y1, x0, x1), edge
 
 
@@ -309,7 +275,6 @@ def _digit_region(ink, strong):
     bounding box nor pull the centre of mass; so are edge-like parts (see _parts). Returns a boolean mask, or
     None when there is no ink.
     """
-    import numpy as np
     labels, ids, mass, (y0, y1, x0, x1), edge = _parts(strong, ink)
     if ids.size == 0:
         return None
@@ -335,34 +300,27 @@ def _digit_region(ink, strong):
     return np.isin(labels, ids[kept])
 
 
-def _dilate(mask, steps):
-    """Grow a boolean mask by `steps` pixels in all eight directions."""
-    import numpy as np
-    h, w = mask.shape
-    for _ in range(steps):
-        p = np.zeros((h + 2, w + 2), bool)
-        p[1:-1, 1:-1] = mask
-        rows = p[:-2] | p[1:-1] | p[2:]
-        mask = rows[:, :-2] | rows[:, 1:-1] | rows[:, 2:]
-    return mask
+def _ink_box(mask):
+    """The (rows, columns) slices of the smallest box holding every True pixel of a mask; None when it has none."""
+    found = ndimage.find_objects(mask.astype(np.int8))
+    return found[0] if found else None
 
 
 @dataclass
 class DigitRegion:
     """Where _find_digit saw the digit, on a reduced copy of the picture; what _cut_digit needs to cut it out."""
-    mask: np.ndarray     # bool, True on the digit, on the reduced copy
-    factor: int            # the copy is the picture reduced by this factor
-    paper: np.ndarray    # coefficients of the fitted paper surface (see _surface)
-    sign: float            # +1 when the ink is brighter than the paper, -1 when darker
-    ink_level: float       # 90th percentile of the ink's contrast against the paper
-    coarse_shape: tuple    # (rows, columns) of the reduced copy
+    mask: np.ndarray      # bool, True on the digit, on the reduced copy
+    factor: int           # the copy is the picture reduced by this factor
+    paper: np.ndarray     # coefficients of the fitted paper surface (see _surface)
+    sign: float           # +1 when the ink is brighter than the paper, -1 when darker
+    ink_level: float      # 90th percentile of the ink's contrast against the paper
+    coarse_shape: tuple   # (rows, columns) of the reduced copy
 
 
 def _find_digit(plane, ink_is_alpha):
     """Where the digit is, worked out on a copy at most ANALYSIS_MAX on a side (cheap, and box-averaging calms
     the noise). Raises NoDigitError when nothing stands out from the paper.
     """
-    import numpy as np
     coarse_img, factor = _reduce_to(plane, ANALYSIS_MAX)
     coarse = _to_float(coarse_img)
     coef, noise = _fit_background(coarse)
@@ -381,40 +339,41 @@ def _find_digit(plane, ink_is_alpha):
     region = _digit_region(ink, candidates & (ink > max(0.5 * ink_level, 4.0 * noise + 0.02)))
     if region is None:
         raise NoDigitError("no digit found")
-    region = _dilate(region, 2 if factor == 1 else 1)  # take in the anti-aliased rim around the strokes
+    # take in the anti-aliased rim around the strokes
+    region = ndimage.binary_dilation(region, EIGHT, iterations=2 if factor == 1 else 1)
     return DigitRegion(region, factor, coef, sign, ink_level, coarse.shape)
 
 
 def _cut_digit(plane, found):
     """The digit at working resolution, cropped to its ink: paper exactly 0, ink about 1 (float32 array)."""
-    import numpy as np
-    region, factor, coef, sign, ink_level = found.mask, found.factor, found.paper, found.sign, found.ink_level
-    coarse_shape = found.coarse_shape
-    ry, rx = np.nonzero(region.any(1))[0], np.nonzero(region.any(0))[0]
-    y0, y1, x0, x1 = ry[0], ry[-1] + 1, rx[0], rx[-1] + 1
-    box = (x0 * factor, y0 * factor, min(x1 * factor, plane.width), min(y1 * factor, plane.height))
+    factor = found.factor
+    rows, cols = _ink_box(found.mask)
+    box = (cols.start * factor, rows.start * factor,
+           min(cols.stop * factor, plane.width), min(rows.stop * factor, plane.height))
     window = _to_float(plane.crop(box))
     h, w = window.shape
-    window = sign * (window - _surface(coef, (np.arange(h) + box[1] + 0.5) / factor,
-                                       (np.arange(w) + box[0] + 0.5) / factor, coarse_shape))
-    inside = region[y0:y1, x0:x1].repeat(factor, 0).repeat(factor, 1)[:h, :w]
+    window = found.sign * (window - _surface(found.paper, (np.arange(h) + box[1] + 0.5) / factor,
+                                             (np.arange(w) + box[0] + 0.5) / factor, found.coarse_shape))
+    inside = found.mask[rows, cols].repeat(factor, 0).repeat(factor, 1)[:h, :w]
     paper = window[~inside]
     noise = _spread(paper) if paper.size >= 50 else 0.0
     floor = 4.0 * noise if noise > 0 else 0.5 / 255
     ink = np.where(inside, window, 0.0)
-    ry, rx = np.nonzero((ink > floor).any(1))[0], np.nonzero((ink > floor).any(0))[0]
-    if ry.size == 0:
+    ink_box = _ink_box(ink > floor)
+    if ink_box is None:
         raise NoDigitError("no digit found")
-    crop = ink[ry[0]:ry[-1] + 1, rx[0]:rx[-1] + 1]
-    strong = crop[crop > max(floor, 0.25 * ink_level)]
-    level = float(np.percentile(strong, 90)) if strong.size else ink_level
+    crop = ink[ink_box]
+    strong = crop[crop > max(floor, 0.25 * found.ink_level)]
+    level = float(np.percentile(strong, 90)) if strong.size else found.ink_level
     # Paper noise and the faintest JPEG ringing go to exactly 0 (MNIST's background is 0); ink goes to ~1.
     return np.clip((crop - 3.0 * noise) / max(level - 3.0 * noise, 1e-6), 0.0, 1.0).astype(np.float32)
 
 
 def _stroke_width(binary):
-    """Mean stroke width in pixels of a boolean image: area / half the perimeter (a long stroke: L*w / L)."""
-    import numpy as np
+    """Mean stroke width in pixels of a boolean image: area / half the perimeter (a long stroke: L*w / L).
+
+    The perimeter is counted by hand, as the pixel edges between ink and not: scipy.ndimage has no perimeter.
+    """
     area = binary.sum()
     if area == 0:
         return 0.0
@@ -427,11 +386,9 @@ def _fit_digit_box(crop):
     """Scale the cropped digit to fit DIGIT_BOX x DIGIT_BOX, aspect ratio kept, with anti-aliasing.
 
     Hairlines (a 3-px brush on a 500-px canvas, a fine pen on a scan) would fade to a grey smudge at 20x20,
-    so strokes thinner than MIN_STROKE in the box are first thickened, at a resolution where they are about
-    one pixel wide, by repeated 3x3 maximum filters (each adds one pixel on either side).
+    so strokes thinner than MIN_STROKE in the box are first thickened by a maximum filter, at a resolution
+    where they are about one pixel wide.
     """
-    import numpy as np
-    from PIL import Image, ImageFilter
     h, w = crop.shape
     scale = DIGIT_BOX / max(h, w)
     img = Image.fromarray(crop.astype(np.float32), "F")
@@ -443,9 +400,9 @@ def _fit_digit_box(crop):
         if mid != max(h, w):
             img = img.resize((max(1, round(w * mid_scale)), max(1, round(h * mid_scale))),
                              Image.Resampling.BOX if mid < max(h, w) else Image.Resampling.BILINEAR)
-        passes = round((TARGET_STROKE * mid / DIGIT_BOX - width * mid_scale) / 2)
-        for _ in range(max(0, passes)):
-            img = img.filter(ImageFilter.MaxFilter(3))
+        grow = round((TARGET_STROKE * mid / DIGIT_BOX - width * mid_scale) / 2)  # pixels on either side
+        if grow > 0:
+            img = Image.fromarray(ndimage.maximum_filter(np.asarray(img), size=2 * grow + 1), "F")
         scale = DIGIT_BOX / max(img.size)
         w, h = img.size
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
@@ -459,16 +416,23 @@ def _place_by_mass(digit):
 
     The shift is a whole number of pixels, so an MNIST digit goes back to where it was, unresampled.
     """
-    import numpy as np
     h, w = digit.shape
-    total = float(digit.sum())
-    cy = float((digit.sum(1) * np.arange(h)).sum() / total)
-    cx = float((digit.sum(0) * np.arange(w)).sum() / total)
+    cy, cx = ndimage.center_of_mass(digit)
     top = int(np.clip(np.floor(MASS_CENTRE - cy + 0.5), 0, FIELD - h))
     left = int(np.clip(np.floor(MASS_CENTRE - cx + 0.5), 0, FIELD - w))
     field = np.zeros((FIELD, FIELD), np.float32)
     field[top:top + h, left:left + w] = digit
     return field
+
+
+def fit_and_centre(crop):
+    """A digit cropped to its ink (float, paper 0, ink about 1) -> 28x28 float32 in [0, 1], as MNIST: fitted
+    into 20x20 (thin strokes thickened) and centred by mass. The last two steps of image_to_mnist, which
+    read_number takes for each digit too."""
+    digit = np.clip(_fit_digit_box(crop), 0.0, 1.0)  # Lanczos rings a little below 0 and above 1
+    if digit.sum() <= 0:
+        raise NoDigitError("no digit found")
+    return _place_by_mass(digit)
 
 
 def image_to_mnist_pixels(source):
@@ -477,13 +441,8 @@ def image_to_mnist_pixels(source):
     source: a path, a PIL image or a numpy array. Raises ImageError (one line) for unreadable input and
     NoDigitError when the picture holds no ink.
     """
-    import numpy as np
     plane, ink_is_alpha = _grey_plane(open_image(source))
-    crop = _cut_digit(plane, _find_digit(plane, ink_is_alpha))
-    digit = np.clip(_fit_digit_box(crop), 0.0, 1.0)  # Lanczos rings a little below 0 and above 1
-    if digit.sum() <= 0:
-        raise NoDigitError("no digit found")
-    return _place_by_mass(digit)
+    return fit_and_centre(_cut_digit(plane, _find_digit(plane, ink_is_alpha)))
 
 
 def image_to_mnist(source, mean=MNIST_MEAN, std=MNIST_STD):
@@ -498,7 +457,6 @@ def image_to_mnist(source, mean=MNIST_MEAN, std=MNIST_STD):
 
 def mnist_to_image(tensor, mean=MNIST_MEAN, std=MNIST_STD):
     """The inverse for looking: a normalised (1, 28, 28) or (28, 28) tensor -> an 8-bit greyscale PIL image."""
-    from PIL import Image
     pixels = (tensor.detach().cpu().reshape(FIELD, FIELD) * std + mean).clamp(0, 1)
     return Image.fromarray((pixels * 255).round().to(torch.uint8).numpy(), "L")
 
@@ -620,15 +578,6 @@ class NumberReading:
             for d in line:
                 p *= d.probability
         return p
-
-
-def fit_and_centre(crop):
-    """A digit cropped to its ink (float, paper 0, ink about 1) -> 28x28 float32 in [0, 1], as MNIST: fitted
-    into 20x20 (thin strokes thickened) and centred by mass. The last two steps of image_to_mnist."""
-    digit = np.clip(_fit_digit_box(crop), 0.0, 1.0)
-    if digit.sum() <= 0:
-        raise NoDigitError("no digit found")
-    return _place_by_mass(digit)
 
 
 @dataclass
@@ -928,7 +877,7 @@ def _candidate(found, height, cluster, box, left, right, typical=None):
     py1, px1 = min(found.ink.shape[0], by1 + 1), min(found.ink.shape[1], bx1 + 1)
     big = np.zeros((py1 - py0, px1 - px0), bool)
     big[by0 - py0:by1 - py0, bx0 - px0:bx1 - px0] = mask
-    keep = big | (_dilate(big, 1) & (found.labels[py0:py1, px0:px1] == 0))
+    keep = big | (ndimage.binary_dilation(big, EIGHT) & (found.labels[py0:py1, px0:px1] == 0))
     ink = np.where(keep, found.ink[py0:py1, px0:px1], 0.0)
     n = found.noise
     crop = np.clip((ink - 3.0 * n) / max(found.level - 3.0 * n, 1e-6), 0.0, 1.0).astype(np.float32)
@@ -956,7 +905,6 @@ def _context(found, height, mask, y0, x0):
     """What the number judge sees besides the candidate: a square of CONTEXT_SIDE digit heights around it at the
     line's scale (so its size shows), 28x28, its own ink 1 and the other ink 0.5 (so a cut through a stroke
     shows). mask: the candidate's ink, a bool array whose top-left pixel is (y0, x0) on the map."""
-    from PIL import Image
     side = max(4, int(round(CONTEXT_SIDE * height)))
     ys, xs = np.nonzero(mask)
     cy, cx = y0 + int(round(ys.mean())), x0 + int(round(xs.mean()))

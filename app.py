@@ -27,7 +27,6 @@ goes through the same preprocess.image_to_mnist(). Safe by default: it listens o
 --host says otherwise. Each request runs in its own thread; a bad one gets its error and nothing else stops.
 Exit code: 0 after Ctrl-C, 2 for bad flags, an unusable checkpoint or an address it cannot listen on.
 """
-import argparse
 import base64
 import io
 import json
@@ -54,15 +53,17 @@ REQUEST_TIMEOUT = 30         # seconds a connection may sit idle or trickle a bo
 
 
 def parse_args(argv=None):
-    p = OneLineParser(prog="app.py", description=__doc__.splitlines()[0],
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model_path", "--model-path", default=None,
+    p = OneLineParser(prog="app.py", description=__doc__.splitlines()[0])
+    p.add_argument("--model_path", default=None,
                    help="checkpoint to use; default: results/best_model_simple_pt.pth, else the newest "
                         "results/best_model_*.pth, else the shipped pretrained/best_model_improved_pt.pth")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; 0.0.0.0 lets other machines on your network use the page")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port, printed at start)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (one picture: cpu is plenty)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda, cuda:N, mps or auto. The rule of every command: those that read a person's "
+                        "pictures default to cpu (a GPU's start-up costs more than a few pictures), those that work "
+                        "through MNIST (train, evaluate, tune, benchmark) to auto")
     return p
 
 

@@ -10,7 +10,6 @@ Beside it, in the same run, a classic tutorial-style script (torchvision DataLoa
 batch 64, the pytorch/examples network and Adadelta) trains for one epoch, so the speed-up is a ratio measured
 on the same machine at the same moment. Results go to <out>/benchmark.json and <out>/benchmark.md.
 """
-import argparse
 import json
 import os
 import platform
@@ -28,7 +27,7 @@ import torch
 from cnn_pytorch import MODELS
 
 from checkpoint import load_checkpoint
-from common import PROJECT_DIR, OneLineParser, atomic_write, memory_format, synchronize
+from common import PROJECT_DIR, OneLineParser, atomic_write, cpu_name, memory_format, synchronize
 
 TRAIN_SCRIPT = PROJECT_DIR / "train_pytorch.py"
 
@@ -40,8 +39,7 @@ MODEL_FLAGS = {"tiny": ["--preset", "fast"]}  # the recipe each model is meant t
 
 
 def parse_args(argv=None):
-    p = OneLineParser(prog="benchmark.py", description=__doc__.splitlines()[0],
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(prog="benchmark.py", description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", help="auto, cuda, cpu (passed on to train_pytorch.py)")
     p.add_argument("--seeds", type=int, default=3, help="training runs per model and budget")
     p.add_argument("--models", nargs="+", default=None, help=f"models to measure (default: all of {list(MODELS)})")
@@ -50,22 +48,14 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="one seed, one epoch, the simple model only unless --models says more, baseline throughput "
                         "from 300 batches: under two minutes on 2 CPU cores")
-    p.add_argument("--no_baseline", "--no-baseline", action="store_true", help="skip the classic DataLoader script")
+    p.add_argument("--no_baseline", action="store_true", help="skip the classic DataLoader script")
     p.add_argument("--extra", default="", help="extra flags for train_pytorch.py, e.g. \"--compile\"")
-    p.add_argument("--out", default="results", help="folder for benchmark.json and benchmark.md")
+    p.add_argument("--save_dir", default="results", help="folder for benchmark.json and benchmark.md")
     return p
 
 
 def machine_info(device):
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    info = {"cpu": cpu_name(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -130,7 +120,7 @@ def classic_baseline(device, max_batches=None):
     from torchvision import datasets, transforms
 
     import data_loader
-    data_loader.ensure_mnist()
+    data_loader.check_mnist()
     torch.manual_seed(1)
     tf = transforms.Compose([transforms.ToTensor(),
                              transforms.Normalize((data_loader.MNIST_MEAN,), (data_loader.MNIST_STD,))])
@@ -244,7 +234,7 @@ def main(argv=None):
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
     seeds = 1 if args.quick else args.seeds
-    out = parser.output_dir(args.out, "--out")
+    out = parser.output_dir(args.save_dir)
 
     result = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": "python benchmark.py " + shlex.join(sys.argv[1:]),
               "machine": machine_info(device), "models": []}

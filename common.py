@@ -31,8 +31,23 @@ def fail(prog, message, code=1):
     raise SystemExit(code)
 
 
+class DefaultsOnce(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default once: argparse's own, unless the help text already says it, or the
+    default is None (the help then says what happens without the flag)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr and exit code 2, not usage plus the error."""
+    """argparse, but a bad flag is one line on stderr and exit code 2, not usage plus the error; --help shows
+    each default once (DefaultsOnce)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["formatter_class"] = DefaultsOnce
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         fail(self.prog, f"{message} (see --help)", 2)
@@ -50,6 +65,35 @@ class OneLineParser(argparse.ArgumentParser):
             return writable_dir(path, flag)
         except OSError as err:
             self.error(str(err))
+
+
+def at_least(low, kind=int):
+    """An argparse type: a `kind` number no lower than `low`; argparse turns a bad value into the one-line error."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not value >= low:  # also refuses NaN
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return value
+    return parse
+
+
+def positive(text):
+    """An argparse type: a number above 0, such as a learning rate."""
+    value = at_least(0.0, float)(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be above 0, got 0")
+    return value
+
+
+def fraction(text):
+    """An argparse type: a number from 0 up to (not including) 1, such as a dropout or a decay."""
+    value = at_least(0.0, float)(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be below 1, got {text}")
+    return value
 
 
 def pick_device(name):
@@ -74,6 +118,26 @@ def pick_device(name):
     if device.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"unsupported --device {name!r}: use auto, cuda, mps or cpu")
     return device
+
+
+def cpu_name():
+    """The CPU's model name as Linux reports it (timings say which machine made them), else what Python knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
+def device_label(device):
+    """The device as a run reports it: which GPU, or how many CPU threads."""
+    import torch
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device} ({torch.get_num_threads()} threads)"
 
 
 def memory_format(device):

@@ -7,11 +7,27 @@ one process, so that a one-process launch really exercises the distributed path.
 and no files: it only says who this process is and moves numbers between processes.
 """
 import os
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
 
+from common import at_least, fail
 from data_loader import predict_probs
+
+
+def add_args(parser):
+    group = parser.add_argument_group("torchrun: several processes or GPUs (distributed.py)")
+    group.add_argument("--lr_scaling", default="sqrt", choices=["none", "sqrt", "linear"],
+                       help="one step sees processes x --batch_size images: multiply the learning rates by the "
+                            "square root of the number of processes (the usual rule for Adam), by that number, or "
+                            "not at all")
+    group.add_argument("--dist_timeout", type=at_least(1), default=180,
+                       help="seconds a process waits for the others before giving up with an error")
+
+
+def check_args(parser, args):
+    pass
 
 
 class Dist:
@@ -31,6 +47,20 @@ class Dist:
         if self.enabled:
             torch.distributed.all_reduce(t)
         return t.tolist()
+
+    def say(self, *args, **kwargs):
+        """print() on rank 0 only: one process talks (and writes files) for all."""
+        if self.is_main:
+            print(*args, **kwargs)
+
+    def barrier(self):
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def reseed(self, seed, epoch=0):
+        """A different augmentation on every rank (the random generators are otherwise rank 0's)."""
+        if self.enabled:
+            torch.manual_seed(seed + 1 + self.rank + 7919 * epoch)
 
     def agree(self, flag):
         """Rank 0 decides, every rank follows (early stopping must stop everyone at the same epoch)."""
@@ -62,18 +92,39 @@ def setup_distributed(device, timeout_seconds=180):
     return Dist(device, rank, world, local_rank, enabled=True, backend=backend)
 
 
-def wrap(model, dist):
-    """The model the training step calls: DistributedDataParallel under torchrun (it averages the gradients
-    over the ranks in backward), the model itself otherwise."""
+def wrap(model, dist, args):
+    """(the model the training step calls, the factor on the learning rates). Under torchrun the model is
+    wrapped in DistributedDataParallel, which averages the gradients over the ranks in backward, and one step
+    sees world x batch_size images, so the rates are scaled by --lr_scaling."""
     if not dist.enabled:
-        return model
-    return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+        return model, 1.0
+    dist.reseed(args.seed)
+    scale = {"none": 1.0, "sqrt": dist.world ** 0.5, "linear": float(dist.world)}[args.lr_scaling]
+    dist.say(f"distributed: {dist.world} process{'es' if dist.world > 1 else ''} ({dist.backend}, "
+             f"DistributedDataParallel) x --batch_size {args.batch_size} = {dist.world * args.batch_size} images "
+             f"per step; learning rates x {scale:.2f} (--lr_scaling {args.lr_scaling})")
+    ids = [dist.device.index] if dist.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids), scale
 
 
-def lr_scale(lr_scaling, world):
-    """One step under torchrun sees world x batch_size images: the factor on the learning rates for that."""
-    return {"none": 1.0, "sqrt": world ** 0.5, "linear": float(world)}[lr_scaling]
+@contextmanager
+def process_group(args):
+    """The run's place among the processes: rank 0 of 1 for a plain run; under torchrun, the group joined (a
+    failure to join is one line, exit 2), a peer lost mid-run one line, exit 1, and the group left at the end."""
+    try:
+        dist = setup_distributed(torch.device(args.device), args.dist_timeout)
+    except Exception as err:  # a bad rendezvous address, a port in use, a peer that never came
+        fail("train_pytorch.py", f"could not join the torchrun process group ({str(err).splitlines()[0][:160]})", 2)
+    args.device = str(dist.device)
+    try:
+        yield dist
+    except (RuntimeError, torch.distributed.DistError) as err:
+        if not dist.enabled:
+            raise
+        fail("train_pytorch.py", f"rank {dist.rank}: lost contact with the other training processes: one of them "
+                                 f"failed or timed out (see its output); {str(err).splitlines()[0][:160]}")
+    finally:
+        close(dist)
 
 
 def gather_probs(model, images, ctx, dist, batch_size=None):

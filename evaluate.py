@@ -4,7 +4,6 @@ Writes the same report the end of training writes (metrics_<model>.txt and .json
 sample_predictions.png, misclassified.png, per_class_metrics.png) without training anything. Several
 --model_path values are scored one by one and then as an ensemble (their softmax outputs averaged).
 """
-import argparse
 import sys
 from contextlib import nullcontext
 
@@ -12,8 +11,6 @@ import torch
 
 import data_loader
 import metrics
-import visualization
-from cnn_pytorch import count_parameters
 from checkpoint import CheckpointError, load_checkpoint, model_path_or_default
 from common import PROJECT_DIR, OneLineParser, memory_format, pick_device, print_error, shown_path, writable_dir
 from data_loader import predict_probs
@@ -26,18 +23,18 @@ class InputError(Exception):
 
 
 def parse_args(argv=None):
-    p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0],
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model_path", "--model-path", nargs="+", default=None,
+    p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
+    p.add_argument("--model_path", nargs="+", default=None,
                    help="one or more checkpoints written by train_pytorch.py; several are also scored as an "
                         "ensemble (relative paths are looked up here, then in the project folder); default: "
                         "results/best_model_simple_pt.pth, else the newest results/best_model_*.pth, else the "
                         "shipped pretrained/best_model_improved_pt.pth")
-    p.add_argument("--save_dir", "--save-dir", default="results",
-                   help="where the reports go (relative paths are taken from the project folder)")
+    p.add_argument("--save_dir", default="results/evaluate",
+                   help="where the reports go (relative paths are taken from the project folder); not results/ "
+                        "itself, where the training report of the same names would be overwritten")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
-    p.add_argument("--data_dir", "--data-dir", default=str(PROJECT_DIR / "data"), help="where MNIST lives")
-    p.add_argument("--batch_size", "--batch-size", type=int, default=None,
+    p.add_argument("--data_dir", default=str(PROJECT_DIR / "data"), help="where MNIST lives")
+    p.add_argument("--batch_size", type=int, default=None,
                    help="test images per forward pass (default: 5000 on CUDA, 256 on a CPU, 1000 on MPS)")
     return p
 
@@ -72,15 +69,6 @@ def checkpoint_info(path, ckpt, params, device):
             "epochs_run": ckpt.get("epochs_run"), "training_seconds": ckpt.get("training_seconds"),
             "val_accuracy": ckpt.get("val_accuracy"), "stored_test_accuracy": ckpt.get("test_accuracy"),
             "seed": args.get("seed"), "device": str(device), "torch": torch.__version__}
-
-
-def write_report(save_dir, figure_dir, name, info, test_x, test_y, probs):
-    """metrics_<name>.txt/.json into save_dir and the four test figures into figure_dir; returns the report."""
-    report = metrics.compute_metrics(test_y.numpy(), probs.numpy())
-    metrics.write_metrics(report, save_dir, name, info)
-    figure_dir.mkdir(exist_ok=True)
-    visualization.plot_test_report(figure_dir, test_x.numpy(), test_y.numpy(), probs.numpy(), report)
-    return report
 
 
 def check_reproduced(path, ckpt, accuracy):
@@ -121,18 +109,18 @@ def run(args):
     names = report_names([ckpt for _, ckpt in loaded])
     for typed, path, name, (model, ckpt) in zip(typed_paths, paths, names, loaded):
         probs = predict_probs(model, test_x_device, autocast_for(ckpt, device), batch_size=args.batch_size).cpu()
-        params = count_parameters(model)
+        params = sum(p.numel() for p in model.parameters())
         # Several models: figures go to a folder per model, since their file names are fixed.
-        report = write_report(save_dir, save_dir / name if several else save_dir, name,
-                              checkpoint_info(path, ckpt, params, device), test_x, test_y, probs)
+        report = metrics.write_test_report(save_dir, name, checkpoint_info(path, ckpt, params, device), test_x,
+                                            test_y, probs, save_dir / name if several else save_dir)
         check_reproduced(path, ckpt, report["accuracy"])
         rows.append((name, params, report["accuracy"], typed or shown_path(path)))
         all_probs.append(probs)
     if several:
         info = {"model": "ensemble", "parameters": sum(r[1] for r in rows), "device": str(device),
                 "members": ", ".join(f"{r[0]} ({r[3]})" for r in rows)}
-        report = write_report(save_dir, save_dir / "ensemble", "ensemble", info, test_x, test_y,
-                              torch.stack(all_probs).mean(0))
+        report = metrics.write_test_report(save_dir, "ensemble", info, test_x, test_y, torch.stack(all_probs).mean(0),
+                                           save_dir / "ensemble")
         rows.append(("ensemble", info["parameters"], report["accuracy"], "softmax outputs above, averaged"))
     print_table(rows)
     print(f"reports written to {save_dir}")

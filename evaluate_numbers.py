@@ -16,7 +16,6 @@ dropped, sorted by x, each classified (fitted into 20x20 and centred by mass lik
 comparison is about finding the digits, not about framing them). `--json` writes the table as one JSON
 object. Exit code 0; 2 for bad flags or an unusable checkpoint.
 """
-import argparse
 import json
 import sys
 import time
@@ -32,10 +31,9 @@ from common import OneLineParser, fail, first_line
 
 
 def parse_args():
-    p = OneLineParser(prog="evaluate_numbers.py", description=__doc__.splitlines()[0],
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(prog="evaluate_numbers.py", description=__doc__.splitlines()[0])
     p.add_argument("folder", nargs="?", help="pictures of numbers, in one subfolder per kind")
-    p.add_argument("--model_path", "--model-path", default=None,
+    p.add_argument("--model_path", default=None,
                    help="checkpoint; default: the one predict.py uses (results/best_model_simple_pt.pth, else "
                         "the shipped pretrained/best_model_improved_pt.pth)")
     p.add_argument("--recipe", choices=("reader", "plain"), default="reader",
@@ -44,7 +42,7 @@ def parse_args():
     p.add_argument("--judge", metavar="PATH", default=None,
                    help="the reader's number judge (default: pretrained/number_judge.pth when it is there; none: "
                         "read without one, as before it existed)")
-    p.add_argument("--digits_known", "--digits-known", action="store_true",
+    p.add_argument("--digits_known", action="store_true",
                    help="tell the reader how many digits each number has (predict.py --digits)")
     p.add_argument("--json", action="store_true", help="print the table as one JSON object")
     p.add_argument("--errors", type=int, default=0, help="also list up to this many misread pictures per kind")

@@ -5,8 +5,8 @@ comparison table that is also saved as results/export/report.md:
 
   <model>.pt2        a torch.export program (torch.export.save): loads with `torch.export.load(path).module()`,
                      no code of ours needed. It replaces TorchScript, which torch deprecates (torch.jit.trace and
-                     torch.jit.save raise FutureWarnings in torch 2.14); --format torchscript is kept as a name
-                     for it so the documented command still works, and says so.
+                     torch.jit.save raise FutureWarnings in torch 2.14): --format torchscript is refused with one
+                     line that says so, rather than writing a file of another kind than asked for.
   <model>.onnx       ONNX with a dynamic batch dimension (torch's dynamo exporter), checked with onnx's checker,
                      run with ONNX Runtime: same prediction for every image, logits within 1e-4.
   <model>_int8.onnx  post-training static 8-bit quantisation of that ONNX model by ONNX Runtime: every Conv and
@@ -19,14 +19,12 @@ comparison table that is also saved as results/export/report.md:
                      int8 kernels after torch.compile, which needs a C++ compiler where the model runs.
 
 Both ONNX files say how to feed them in their metadata (normalisation mean and std, classes), and
-checkpoint.load_onnx_model() is the one way this project runs them (predict.py uses it for .onnx files).
+onnx_model.load_onnx_model() is the one way this project runs them (predict.py uses it for .onnx files).
 """
-import argparse
 import contextlib
 import functools
 import io
 import json
-import platform
 import shlex
 import sys
 import tempfile
@@ -37,8 +35,9 @@ import numpy as np
 import torch
 
 import data_loader
-from checkpoint import INPUT_NAME, OUTPUT_NAME, CheckpointError, load_checkpoint, load_onnx_model, model_path_or_default
-from common import PROJECT_DIR, OneLineParser, atomic_write, print_error
+from checkpoint import CheckpointError, load_checkpoint, model_path_or_default
+from onnx_model import INPUT_NAME, OUTPUT_NAME, load_onnx_model
+from common import PROJECT_DIR, OneLineParser, atomic_write, cpu_name, print_error
 
 
 # What each artifact must meet; the export fails (exit code 1) when one does not.
@@ -47,7 +46,6 @@ INT8_MAX_SIZE_RATIO = 0.30      # int8 file size / fp32 ONNX file size
 INT8_MAX_ACCURACY_DROP = 0.001  # 0.1 percentage point of test accuracy below the PyTorch model
 
 FORMATS = ("pt2", "onnx", "int8")
-FORMAT_ALIASES = {"torchscript": "pt2"}
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # exporter, its ONNX writer, the runtime and quantiser
 NEEDS = {"pt2": (), "onnx": ONNX_PACKAGES, "int8": ONNX_PACKAGES}
 ONNX_OPSET = 18  # runs on ONNX Runtime 1.14+ (and its web and mobile builds); torch's default, 20, needs 1.17+
@@ -58,40 +56,42 @@ class ExportError(Exception):
 
 
 def parse_args(argv=None):
-    p = OneLineParser(prog="export.py", description=__doc__.splitlines()[0],
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model_path", "--model-path", default=None,
+    p = OneLineParser(prog="export.py", description=__doc__.splitlines()[0])
+    p.add_argument("--model_path", default=None,
                    help="checkpoint written by train_pytorch.py (a relative path is looked up from the current "
                         "folder, then from the project folder); default: results/best_model_simple_pt.pth, else "
                         "the newest results/best_model_*.pth, else the shipped pretrained/best_model_improved_pt.pth")
-    p.add_argument("--format", default="all", choices=["all", *FORMATS, *FORMAT_ALIASES],
-                   help="what to write: all, pt2 (torch.export program; 'torchscript' is a name for it), onnx, "
+    p.add_argument("--format", default="all", choices=["all", *FORMATS, "torchscript"],
+                   help="what to write: all, pt2 (torch.export program, which replaces TorchScript), onnx, "
                         "int8 (also writes the fp32 .onnx it is quantised from)")
-    p.add_argument("--output_dir", "--output-dir", default="results/export",
+    p.add_argument("--save_dir", default="results/export",
                    help="where the artifacts and report.md go (relative paths are taken from the project folder)")
-    p.add_argument("--eval_images", "--eval-images", type=int, default=None,
+    p.add_argument("--eval_images", type=int, default=None,
                    help="check on the first N test images (default: all 10,000)")
-    p.add_argument("--calibration_images", "--calibration-images", type=int, default=1000,
+    p.add_argument("--calibration_images", type=int, default=1000,
                    help="training images (never validation or test) that calibrate the int8 activation ranges")
-    p.add_argument("--bench_seconds", "--bench-seconds", type=float, default=2.0,
+    p.add_argument("--bench_seconds", type=float, default=2.0,
                    help="seconds spent timing each artifact at batch 1 and again at batch 256")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help="CPU threads for PyTorch and ONNX Runtime alike in the throughput column (latency is "
                         "timed on one thread for all)")
-    p.add_argument("--data_dir", "--data-dir", default=str(PROJECT_DIR / "data"), help="where MNIST lives")
+    p.add_argument("--data_dir", default=str(PROJECT_DIR / "data"), help="where MNIST lives")
     return p
 
 
 def check_args(parser, args):
     """Everything that can be wrong with the flags is caught here, before anything is loaded or written."""
-    args.formats = list(FORMATS) if args.format == "all" else [FORMAT_ALIASES.get(args.format, args.format)]
+    if args.format == "torchscript":
+        parser.error("TorchScript is deprecated in torch (torch.jit.trace/save warn FutureWarning): use --format "
+                     "pt2, a torch.export program that loads with torch.export.load(path).module()")
+    args.formats = list(FORMATS) if args.format == "all" else [args.format]
     if "int8" in args.formats and "onnx" not in args.formats:
         args.formats.insert(0, "onnx")  # int8 is quantised from the fp32 ONNX model, which is kept alongside
     if args.eval_images is not None and args.eval_images < 1:
         parser.error(f"--eval_images must be at least 1, got {args.eval_images}")
     if args.calibration_images < 1 or args.threads < 1 or args.bench_seconds < 0:
         parser.error("--calibration_images and --threads must be at least 1, --bench_seconds at least 0")
-    args.output_dir = parser.output_dir(args.output_dir, "--output_dir")
+    args.save_dir = parser.output_dir(args.save_dir)
     try:
         args.model_path = model_path_or_default(args.model_path)
     except CheckpointError as err:
@@ -262,16 +262,6 @@ def file_size(path):
     return f"{size / 1e6:.2f} MB" if size >= 1e5 else f"{size / 1e3:.1f} kB"
 
 
-def cpu_name():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 @contextlib.contextmanager
 def torch_threads(threads):
     before = torch.get_num_threads()
@@ -377,7 +367,7 @@ def main(argv=None):
     n = min(args.eval_images or len(test_x), len(test_x))
     images, labels = data_loader.normalize(test_x[:n]).numpy(), test_y[:n].numpy()
     metadata = artifact_metadata(ckpt, args.model_path)
-    name, out = ckpt["model"], args.output_dir
+    name, out = ckpt["model"], args.save_dir
 
     def run_pytorch(x):
         with torch.inference_mode():
@@ -388,9 +378,6 @@ def main(argv=None):
     bench = (images, labels, reference, args.bench_seconds, args.threads)
     rows = [{"key": "pytorch", **measure("PyTorch fp32", args.model_path, lambda threads: run_pytorch, *bench)}]
     try:
-        if args.format == "torchscript":
-            print("--format torchscript: writing a torch.export program (.pt2) instead: TorchScript is deprecated "
-                  "in torch (torch.jit.trace/save warn FutureWarning); load it with torch.export.load(path).module()")
         if "pt2" in args.formats:
             path = export_program(model, out / f"{name}.pt2", metadata)
             program = load_program(path)

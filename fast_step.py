@@ -3,7 +3,9 @@
 Read train_pytorch.py first: its train_step() (forward, loss, backward, optimiser step) is the step, and its
 epoch loop is the plain way to run it, used on the CPU, on Apple's MPS and under torchrun. On one CUDA GPU the
 plain loop leaves the GPU waiting on Python between small kernels, so train_pytorch switches this module on
-with one call, enable(), and FastStep runs the same train_step with everything around it moved onto the device:
+with one call, enable(), and FastStep runs the same train_step with everything around it moved onto the device.
+This module also owns the flags of a GPU run (--amp, --compile, --cuda_graphs, --deterministic) and the
+decisions made once for the device (precision()). FastStep:
 
 - the batch is picked by a step counter that lives on the device (TrainBatches.batch takes a device index);
 - the learning rate is a 0-dim tensor that the step copies from LearningRates' device table by that counter,
@@ -16,83 +18,102 @@ graph replay. warm_up() takes a few real steps before the clock starts (cuDNN au
 torch.compile), captures the graph, and puts every weight, optimiser moment, counter and random state back, so
 the run is the run it would have been without the warm-up. The contract with the plain loop is tested in
 tests/test_train.py: FastStep trains as train_pytorch's loop does, and replayed as a graph as it does eagerly.
+If CUDA refuses to capture the step, the command starts again with the plain loop (rerun_without_graph).
 """
+import argparse
 import itertools
+import os
+import sys
 import time
 import warnings
 from contextlib import nullcontext
 
 import torch
+from packaging.version import Version
 
 from checkpoint import unwrap
-from common import random_state, set_random_state, synchronize
+from common import fail, random_state, set_random_state, synchronize
 
 WARM_UP_STEPS = 3  # cuDNN autotune, lazy initialisation, compilation: all done before the clock starts
 
 
+def add_args(parser):
+    group = parser.add_argument_group("speed on a GPU (fast_step.py)")
+    group.add_argument("--amp", action=argparse.BooleanOptionalAction,
+                       help="bf16 autocast (default: on with CUDA, off elsewhere)")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the model, before the clock starts (its time is reported apart)")
+    group.add_argument("--cuda_graphs", default="auto", choices=["auto", "on", "off"],
+                       help="capture the whole training step as one CUDA graph and replay it, so the GPU never "
+                            "waits on Python; auto: on for single-process CUDA training, and if CUDA refuses the "
+                            "capture the run starts again with the plain loop; on: a refusal stops the run")
+    group.add_argument("--deterministic", action="store_true",
+                       help="deterministic algorithms: two GPU runs with one seed give the same weights; costs "
+                            "speed on a GPU (no cuDNN autotune), nothing on the CPU")
+
+
+def check_args(parser, args):
+    device = torch.device(args.device)
+    if args.cuda_graphs == "on" and device.type != "cuda":
+        parser.error("--cuda_graphs on needs a CUDA device: use --device cuda, or --cuda_graphs auto")
+    if args.cuda_graphs == "on" and "RANK" in os.environ:
+        parser.error("--cuda_graphs on is for single-process training; under torchrun use auto or off")
+    if args.compile and compile_problem(device.type, torch.__version__):
+        parser.error(compile_problem(device.type, torch.__version__))
+    if args.amp is None:
+        args.amp = device.type == "cuda"
+
+
+def compile_problem(device_type, torch_version):
+    """Why --compile cannot work here, or None: torch.compile has no MPS backend before torch 2.8."""
+    if device_type == "mps" and Version(torch_version.split("+")[0]) < Version("2.8"):
+        return f"--compile on MPS needs torch 2.8 or newer (this is {torch_version}): upgrade torch or drop --compile"
+    return None
+
+
+def precision(args, device):
+    """Decided once, before anything is built: determinism, cuDNN autotuning, and the autocast context. The
+    autocast cache is off: it cannot live inside a captured graph, and each weight is cast once anyway."""
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for repeatable sums
+    torch.use_deterministic_algorithms(args.deterministic)  # both ways: main() may run twice in one process
+    torch.backends.cudnn.deterministic = args.deterministic
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not args.deterministic
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False) if args.amp else nullcontext()
+
+
+def wanted(args, device, dist):
+    """Whether this run takes the fast path: one CUDA GPU, one process, graphs not switched off."""
+    return device.type == "cuda" and not dist.enabled and args.cuda_graphs != "off" and not args.dry_run
+
+
 class CaptureFailed(RuntimeError):
-    """CUDA refused to capture the step. The run cannot go on in this process: a capture that CUDA rejects
-    can leave the CUDA random generator in capture mode, and the eager step would then fail at the first
-    dropout. Rerunning with --cuda_graphs off trains the same run without a graph."""
+    """CUDA refused to capture the step (see rerun_without_graph)."""
 
 
 class LearningRates:
     """The learning rate of every step of the run, as one float32 tensor on the device that the step indexes.
 
-    PyTorch's own schedulers compute the values (the same schedulers as train_pytorch's plain loop), driving a
+    PyTorch's own schedulers compute the values (train_pytorch.make_scheduler, as in the plain loop), driving a
     stand-in optimiser that holds one dummy parameter: they write Python floats into their optimiser, which a
-    CUDA graph could not see. Per-batch schedules (onecycle, cosine) fill the whole table up front; per-epoch
-    ones (step, plateau) fill the next epoch's rows when an epoch ends, since plateau needs that epoch's
-    validation loss.
+    CUDA graph could not see.
     """
 
-    def __init__(self, make_scheduler, base_lr, total_steps, steps_per_epoch, device):
-        self.steps_per_epoch = steps_per_epoch
-        self._stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base_lr)
-        self.scheduler, self.per_batch = make_scheduler(self._stand_in)
-        self.plateau = isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-        values = self._per_batch_values(total_steps) if self.per_batch else [self.current()] * total_steps
-        self.table = torch.tensor(values, dtype=torch.float32, device=device)
-
-    def current(self):
-        return self._stand_in.param_groups[0]["lr"]
-
-    def _step(self, *metric):
+    def __init__(self, make_scheduler, base_lr, total_steps, device):
+        stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base_lr)
+        scheduler, values = make_scheduler(stand_in), []
         with warnings.catch_warnings():  # the stand-in never steps: PyTorch's "step order" warning is moot here
             warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*optimizer.step", category=UserWarning)
-            self.scheduler.step(*metric)
-
-    def _per_batch_values(self, total):
-        values = []
-        for i in range(total):
-            values.append(self.current())
-            if i + 1 < total:  # OneCycleLR refuses to step past its last step
-                self._step()
-        return values
-
-    def end_epoch(self, epoch, val_loss):
-        """After epoch `epoch` (1-based): the per-epoch schedules set the rate of the epochs that follow."""
-        if self.scheduler is None or self.per_batch:
-            return
-        self._step(val_loss) if self.plateau else self._step()
-        self.table[epoch * self.steps_per_epoch:].fill_(self.current())
+            for i in range(total_steps):
+                values.append(stand_in.param_groups[0]["lr"])
+                if i + 1 < total_steps:  # OneCycleLR refuses to step past its last step
+                    scheduler.step()
+        self.table = torch.tensor(values, dtype=torch.float32, device=device)
+        self.steps_per_epoch = None  # set by FastStep
 
     def used_in(self, epoch):
         """The rate of the last step of epoch `epoch` (for the history)."""
         return self.table[epoch * self.steps_per_epoch - 1].item()
-
-    def state_dict(self):
-        """The per-epoch scheduler's state (a per-batch schedule is rebuilt from the settings alone)."""
-        return {"scheduler": None if self.scheduler is None or self.per_batch else self.scheduler.state_dict()}
-
-    def load_state_dict(self, state, start_epoch):
-        saved = state.get("scheduler")
-        if self.scheduler is None or self.per_batch or saved is None:
-            return
-        self.scheduler.load_state_dict(saved)
-        # Loading a scheduler does not touch its optimiser: the rate it had reached is put back by hand.
-        self._stand_in.param_groups[0]["lr"] = self.scheduler.get_last_lr()[0]
-        self.table[start_epoch * self.steps_per_epoch:].fill_(self.current())
 
 
 class DeviceEMA:
@@ -137,12 +158,11 @@ class FastStep:
     owns, which is what every replay then reuses.
     """
 
-    def __init__(self, train_step, model, optimizer, batches, lrs, ctx, label_smoothing, mark_cudagraph_step=False,
-                 ema=None, ema_decay=0.0):
+    def __init__(self, train_step, model, optimizer, batches, lrs, ctx, label_smoothing, ema=None, ema_decay=0.0):
         device = batches.images.device
         self.train_step, self.model, self.optimizer, self.batches = train_step, model, optimizer, batches
         self.lrs, self.ctx, self.label_smoothing = lrs, ctx, label_smoothing
-        self.mark_cudagraph_step = mark_cudagraph_step
+        lrs.steps_per_epoch = len(batches)
         self.lr = optimizer.param_groups[0]["lr"]  # the 0-dim tensor every parameter group shares
         self.counter = torch.zeros((), dtype=torch.long, device=device)  # steps taken since the run began
         self.loss_sum = torch.zeros((), device=device)
@@ -152,8 +172,6 @@ class FastStep:
         self.ema = DeviceEMA(ema, unwrap(model), ema_decay) if ema is not None else None
 
     def __call__(self):
-        if self.mark_cudagraph_step:  # torch.compile's own CUDA graphs: a new step, old outputs may be reused
-            torch.compiler.cudagraph_mark_step_begin()
         x, y = self.batches.batch(self.counter % len(self.batches))
         self.lr.copy_(self.lrs.table.index_select(0, self.counter.view(1)).view(()))
         loss, logits = self.train_step(self.model, self.optimizer, x, y, self.ctx, self.label_smoothing)
@@ -169,14 +187,13 @@ class FastStep:
         self.loss_sum.zero_()
         self.correct.zero_()
 
-    def run_epoch(self, epoch, steps, bar=None):
-        """`steps` steps of epoch `epoch`, replayed from the graph when there is one; returns the device sums."""
+    def run_epoch(self, epoch, steps):
+        """The steps of epoch `epoch` (a number, or an iterable such as a progress bar over a range), replayed
+        from the graph when there is one; returns the device sums."""
         self.start_epoch(epoch)
         take = self.graph.replay if self.graph is not None else self
-        for _ in range(steps):
+        for _ in range(steps) if isinstance(steps, int) else steps:
             take()
-            if bar is not None:
-                bar.update(1)
         return self.loss_sum, self.correct
 
 
@@ -233,7 +250,7 @@ def capture(step):
             step()
     except Exception as err:
         raise CaptureFailed(f"CUDA would not capture the training step as a graph "
-                            f"({' '.join(str(err).split())[:160]}): rerun with --cuda_graphs off") from None
+                            f"({' '.join(str(err).split())[:160]})") from None
     return graph
 
 
@@ -266,15 +283,40 @@ def warm_up(step, model, optimizer, counter=None, capture_graph=False, steps=WAR
     return graph, seconds
 
 
-def enable(train_step, model, optimizer, batches, lrs, ctx, label_smoothing, capture_graph, mark_cudagraph_step,
-           ema=None, ema_decay=0.0):
-    """The one call train_pytorch makes: a FastStep, warmed up and (with capture_graph) captured; returns
-    (the step, warm-up seconds). The optimiser must have been built with a 0-dim tensor learning rate; ema is
-    the run's AveragedModel (--ema, with its decay) or None."""
-    fast = FastStep(train_step, model, optimizer, batches, lrs, ctx, label_smoothing, mark_cudagraph_step, ema,
-                    ema_decay)
-    if capture_graph:  # the warm-up steps run the capturable optimiser eagerly, on purpose
+def enable(run, train_step):
+    """The one call train_pytorch makes after set-up. --compile: torch.compile the step's model. On CUDA or with
+    --compile: a few warm-up steps before the clock, everything put back after. On one CUDA GPU (run.rates set:
+    the optimiser was built with a 0-dim tensor learning rate): run.fast, a FastStep whose step is captured."""
+    args = run.args
+    if args.compile:
+        run.step_model = torch.compile(run.step_model)
+    if run.rates is not None:
+        run.fast = FastStep(train_step, run.step_model, run.optimizer, run.batches, run.rates, run.ctx,
+                            args.label_smoothing, run.ema, args.ema)
+        # the warm-up steps run the capturable optimiser eagerly, on purpose
         warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
-    fast.graph, seconds = warm_up(fast, unwrap(model), optimizer, fast.counter, capture_graph, ema=ema)
-    return fast, seconds
+        try:
+            run.fast.graph, run.warmup_seconds = warm_up(run.fast, run.model, run.optimizer, run.fast.counter,
+                                                         capture_graph=True, ema=run.ema)
+        except CaptureFailed as err:
+            if args.cuda_graphs == "on":
+                fail("train_pytorch.py", f"{err}: rerun with --cuda_graphs off")
+            raise
+    elif not args.dry_run and (run.device.type == "cuda" or args.compile):
+        # The batch is drawn inside each warm-up step, so its augmentation's random draws are put back too.
+        _, run.warmup_seconds = warm_up(lambda: train_step(run.step_model, run.optimizer, *run.batches.batch(0),
+                                                           run.ctx, args.label_smoothing), run.model, run.optimizer)
+    if run.warmup_seconds:
+        what = ", ".join(w for w in (args.compile and "compiled", run.fast is not None and
+                                     "step captured as a CUDA graph") if w) or "warmed up"
+        run.say(f"{what} in {run.warmup_seconds:.1f}s: not counted as training time")
 
+
+def rerun_without_graph(err):
+    """CUDA refused the capture: the same command again, in a fresh process, with the plain loop. Not in this
+    process: a capture that CUDA rejects can leave the CUDA random generator in capture mode, and the eager
+    step would then fail at the first dropout. Nothing was written yet: the capture comes before epoch 1."""
+    print(f"train_pytorch.py: {err}; starting again with the plain loop (--cuda_graphs off)", file=sys.stderr,
+          flush=True)
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, *sys.argv, "--cuda_graphs", "off"])

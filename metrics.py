@@ -14,6 +14,7 @@ compute_metrics() returns a dict with these keys (REPORT_KEYS), all JSON-ready P
 write_metrics() adds the run facts (RUN_KEYS: model, parameters, epochs_run, training_seconds, device, seed,
 and whatever else it is given) to the JSON, and writes the same numbers as an aligned text report.
 """
+import csv
 import json
 from pathlib import Path
 
@@ -93,25 +94,6 @@ def expected_calibration_error(y_true, probs, bins=ECE_BINS):
         if in_bin.any():
             ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
     return float(ece)
-
-
-def fit_temperature(y_true, probs):
-    """The temperature T that calibrates these softmax outputs best: softmax(log(probs) / T) has the lowest
-    cross-entropy on y_true (temperature scaling, Guo et al. 2017: one number, so the predicted digit never changes).
-
-    A model trained with label smoothing says about 91% when it is right 99.7% of the time; T < 1 sharpens it
-    back. log(probs) differs from the logits by a constant per row, which softmax ignores, so the probabilities
-    are enough. scipy (scikit-learn's own dependency) finds T by a bounded 1-D search.
-    """
-    from scipy.optimize import minimize_scalar
-    from scipy.special import log_softmax
-    y_true, probs = _check_inputs(y_true, probs)
-    logp = np.log(np.clip(probs, 1e-38, None))  # a float32 softmax underflows to 0
-    rows = np.arange(len(y_true))
-
-    def nll(log_t):
-        return -log_softmax(logp / np.exp(log_t), axis=1)[rows, y_true].mean()
-    return float(np.exp(minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded").x))
 
 
 def compute_metrics(y_true, probs):
@@ -205,6 +187,14 @@ def format_metrics(metrics, info):
     return "\n".join(lines) + "\n"
 
 
+def write_history(history, path):
+    """The training history (one row per epoch) as CSV."""
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in history for k in row)))
+        writer.writeheader()
+        writer.writerows(history)
+
+
 def write_metrics(metrics, save_dir, model_name, info):
     """Write metrics_<model>.txt (for people) and metrics_<model>.json (for scripts); returns both paths.
 
@@ -216,3 +206,16 @@ def write_metrics(metrics, save_dir, model_name, info):
     _write_text(txt, format_metrics(metrics, info))
     _write_text(js, json.dumps({**info, **metrics}, indent=2) + "\n")
     return txt, js
+
+
+def write_test_report(save_dir, name, info, images, y_true, probs, figure_dir=None):
+    """The test report of one model: compute_metrics, metrics_<name>.txt/.json into save_dir and, with a
+    figure_dir, the four test figures there; returns the report dict."""
+    report = compute_metrics(y_true, probs)
+    write_metrics(report, save_dir, name, info)
+    if figure_dir is not None:
+        import visualization  # matplotlib takes seconds to import: only where figures are drawn
+        Path(figure_dir).mkdir(exist_ok=True)
+        visualization.plot_test_report(figure_dir, images, y_true, probs, report)
+    return report
+

@@ -14,19 +14,19 @@ This file owns the judge's training data, its training and its use as a classify
 are preprocess.number_candidates'; the model is cnn_pytorch's TinyCNN with an eleventh output; the file is
 written and read by checkpoint.py like every other model file.
 """
-import argparse
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import preprocess
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from cnn_pytorch import CLASSES, build_model, count_parameters
+from cnn_pytorch import CLASSES, build_model
 from common import PROJECT_DIR, OneLineParser, fail
 from data_loader import MNIST_MEAN, MNIST_STD, NORMALIZATION, load_mnist, split_train_val
+from train_pytorch import train_step  # the project's one training step
 
 JUDGE_CLASSES = CLASSES + ["not one digit"]
 NOT_A_DIGIT = len(CLASSES)  # the eleventh output
@@ -147,10 +147,7 @@ def train_judge(x, y, epochs=4, batch_size=128, lr=0.003, seed=0):
         total = 0.0
         for start in range(0, len(x), batch_size):
             idx = order[start:start + batch_size]
-            loss = F.cross_entropy(model(images[idx]), targets[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            loss, _ = train_step(model, opt, images[idx], targets[idx], nullcontext(), label_smoothing=0.0)
             sched.step()
             total += float(loss.detach()) * len(idx)
         print(f"epoch {epoch + 1}/{epochs}: training loss {total / len(x):.4f}", flush=True)
@@ -196,10 +193,9 @@ def judge_for(choice=None, device="cpu"):
 
 
 def parse_args():
-    p = OneLineParser(prog="number_judge.py", description=__doc__.splitlines()[0],
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(prog="number_judge.py", description=__doc__.splitlines()[0])
     p.add_argument("--pictures", type=int, default=3000, help="numbers written to train on")
-    p.add_argument("--val_pictures", "--val-pictures", type=int, default=300,
+    p.add_argument("--val_pictures", type=int, default=300,
                    help="numbers written from the validation digits to score the judge on")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
@@ -227,8 +223,8 @@ def main(argv=None):
            "whole_digit_recall": float((pred[whole] != NOT_A_DIGIT).mean())}
     print(f"trained in {time.perf_counter() - t0:.0f} s; validation candidates: accuracy {val['accuracy']:.2%}, "
           f"pieces found {val['not_one_digit_recall']:.2%}, whole digits kept {val['whole_digit_recall']:.2%}")
-    save_checkpoint(args.out, model, "tiny", NORMALIZATION, JUDGE_ARGS,
-                    classes=JUDGE_CLASSES, val=val, args=vars(args), parameters=count_parameters(model))
+    save_checkpoint(args.out, model, "tiny", NORMALIZATION, JUDGE_ARGS, classes=JUDGE_CLASSES, val=val,
+                    args=vars(args), parameters=sum(p.numel() for p in model.parameters()))
     print(f"wrote {args.out}")
 
 

@@ -9,7 +9,6 @@ model was trained on. One line per picture, e.g. `digit.png: 7 (98.6%)`; a pictu
 one line saying why and the others are still predicted. Exit code: 0 all predicted, 1 some pictures failed
 (or held no digit), 2 bad flags or an unusable checkpoint.
 """
-import argparse
 import glob
 import json
 import os
@@ -22,7 +21,8 @@ import torch
 
 import preprocess
 from cnn_pytorch import MODELS
-from checkpoint import CheckpointError, check_model_type, load_checkpoint, load_onnx_model, model_path_or_default
+from checkpoint import CheckpointError, check_model_type, load_checkpoint, model_path_or_default
+from onnx_model import load_onnx_model
 from common import PROJECT_DIR, OneLineParser, atomic_write, shown_path
 
 EXAMPLES_DIR = PROJECT_DIR / "examples"  # five shipped pictures of digits to try (see examples/README.md)
@@ -32,30 +32,30 @@ LOW_CONFIDENCE = 0.6
 
 
 def parse_args(argv=None):
-    p = OneLineParser(prog="predict.py", description=__doc__.splitlines()[0],
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--image_path", "--image-path", nargs="+", metavar="PATH", default=None,
+    p = OneLineParser(prog="predict.py", description=__doc__.splitlines()[0])
+    p.add_argument("--image_path", nargs="+", metavar="PATH", default=None,
                    help="one or more pictures, folders (every picture in them) or quoted globs like 'scans/*.jpg'; "
                         "examples/ holds five to try")
-    p.add_argument("--model_path", "--model-path", default=None,
+    p.add_argument("--model_path", default=None,
                    help="checkpoint to use; default: results/best_model_simple_pt.pth, else the newest "
                         "results/best_model_*.pth, else the shipped pretrained/best_model_improved_pt.pth")
-    p.add_argument("--model_type", "--model-type", default=None, choices=list(MODELS),
+    p.add_argument("--model_type", default=None, choices=list(MODELS),
                    help="the model the checkpoint must hold; the checkpoint says what it is, so this only guards "
                         "against using the wrong file (a mismatch is an error)")
-    p.add_argument("--show_probabilities", "--show-probabilities", action="store_true",
+    p.add_argument("--show_probabilities", action="store_true",
                    help="print all ten probabilities with a small bar each")
-    p.add_argument("--top_k", "--top-k", type=int, default=1, help="also show the next most likely digits (1-10)")
-    p.add_argument("--low_confidence", "--low-confidence", type=float, default=LOW_CONFIDENCE,
+    p.add_argument("--top_k", type=int, default=1, help="also show the next most likely digits (1-10)")
+    p.add_argument("--low_confidence", type=float, default=LOW_CONFIDENCE,
                    help="flag predictions whose probability is below this")
     p.add_argument("--json", action="store_true",
                    help="one JSON object per picture and line: path, prediction, confidence, probabilities, error")
-    p.add_argument("--save_preprocessed", "--save-preprocessed", metavar="DIR", default=None,
+    p.add_argument("--save_preprocessed", metavar="DIR", default=None,
                    help="write the 28x28 picture the model saw for each input into DIR (as <name>.png)")
     p.add_argument("--device", default="cpu",
-                   help="cpu, cuda, cuda:N, mps or auto; the CPU is the quick choice for a few pictures (no GPU "
-                        "start-up), and reading the pictures is most of the work for a whole folder")
-    p.add_argument("--batch_size", "--batch-size", type=int, default=256, help="pictures per forward pass")
+                   help="cpu, cuda, cuda:N, mps or auto. The rule of every command: those that read a person's "
+                        "pictures default to cpu (a GPU's start-up costs more than a few pictures, and reading them "
+                        "is most of the work), those that work through MNIST (train, evaluate, tune) to auto")
+    p.add_argument("--batch_size", type=int, default=256, help="pictures per forward pass")
     p.add_argument("--number", action="store_true",
                    help="read every digit of a number, left to right (several lines: top to bottom)")
     p.add_argument("--digits", type=int, default=None, metavar="N",

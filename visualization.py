@@ -18,7 +18,7 @@ from matplotlib.ticker import (FormatStrFormatter, LogLocator, MaxNLocator, Null
                                PercentFormatter)
 
 # One meaning, one colour, in every figure.
-TRAIN, VAL, LR, BEST = "tab:blue", "tab:orange", "tab:green", "dimgray"
+TRAIN, VAL, EMA, LR, BEST = "tab:blue", "tab:orange", "tab:purple", "tab:green", "dimgray"
 RIGHT, WRONG = "darkgreen", "tab:red"
 PRECISION, RECALL, F1 = sns.color_palette("colorblind", 3)
 DPI = 110
@@ -47,14 +47,31 @@ def _numpy(x):
     return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
 
-def plot_training_history(history, path, best_epoch=None):
-    """history: list of dicts with epoch, train_loss, val_loss, train_acc, val_acc, lr -> a PNG at path."""
+def plot_training_history(history, path, best_epoch=None, label_smoothing=0.0):
+    """history: list of dicts with epoch, train_loss, val_loss, train_acc, val_acc, lr (with --ema also
+    ema_val_loss, ema_val_acc and weights) -> a PNG at path.
+
+    Like with like: both losses are the cross-entropy training minimises, label smoothing included (the
+    loop records them so). With --ema the average's validation curves are drawn too, and the best epoch is
+    marked on the curve it was chosen on.
+    """
     epochs = [h["epoch"] for h in history]
+    ema = "ema_val_acc" in history[0]
+    loss_title = "Loss: cross-entropy" + (f", label smoothing {label_smoothing:g} as trained" if label_smoothing
+                                          else "")
     with _figure(path, 1, 3, figsize=(16, 4.6), title="Training history") as (fig, axes):
-        for ax, key, name in ((axes[0], "loss", "Loss (cross-entropy)"), (axes[1], "acc", "Accuracy")):
+        for ax, key, name in ((axes[0], "loss", loss_title), (axes[1], "acc", "Accuracy")):
             scale = 100 if key == "acc" else 1  # accuracy in percent: 99.1 reads faster than 0.991
             ax.plot(epochs, [h[f"train_{key}"] * scale for h in history], "o-", color=TRAIN, label="train")
             ax.plot(epochs, [h[f"val_{key}"] * scale for h in history], "o-", color=VAL, label="validation")
+            if ema:
+                ax.plot(epochs, [h[f"ema_val_{key}"] * scale for h in history], "o-", color=EMA,
+                        label="validation, moving average")
+            if best_epoch is not None:
+                chosen = history[epochs.index(best_epoch)]
+                column = "ema_val" if chosen.get("weights") == "ema" else "val"
+                ax.plot(best_epoch, chosen[f"{column}_{key}"] * scale, "*", color=BEST, markersize=16,
+                        label="kept (chosen on validation accuracy)")
             ax.set(title=name, xlabel="epoch", ylabel="accuracy (%)" if key == "acc" else "loss")
         if len(history) > 2:  # late epochs differ by tiny losses: a log scale keeps them apart
             axes[0].set_yscale("log")

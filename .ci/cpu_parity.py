@@ -42,12 +42,10 @@ def plain_epoch(images, labels, model_name, batch_size):
 
 
 def project_epoch(model_name, batch_size, augment):
-    parser = train_pytorch.parse_args([])
-    args = parser.parse_args(["--model", model_name, "--device", "cpu", "--batch_size", str(batch_size),
-                              "--save_dir", tempfile.mkdtemp(prefix="parity-"), "--no_progress", "--epochs", "1",
-                              *([] if augment else ["--no_augment"])])
-    train_pytorch.check_args(parser, args)
-    run = train_pytorch.set_up(args, distributed.Dist(torch.device("cpu")), lambda *a, **k: None)
+    args = train_pytorch.settings(["--model", model_name, "--device", "cpu", "--batch_size", str(batch_size),
+                                   "--save_dir", tempfile.mkdtemp(prefix="parity-"), "--no_progress", "--epochs", "1",
+                                   "--augment", "standard" if augment else "none"])
+    run = train_pytorch.set_up(args, distributed.Dist(torch.device("cpu")))
     return train_pytorch.train_epoch(run, 1)[2]
 
 
@@ -59,10 +57,10 @@ def main():
     opts = p.parse_args()
     train_x, train_y = data_loader.get_splits()["train"]
     images = data_loader.normalize(train_x).contiguous()
-    times = {"plain loop (no augmentation)": [], "project, --no_augment": [], "project, default augmentation": []}
+    times = {"plain loop (no augmentation)": [], "project, --augment none": [], "project, default augmentation": []}
     for _ in range(opts.rounds):
         times["plain loop (no augmentation)"].append(plain_epoch(images, train_y, opts.model, opts.batch_size))
-        times["project, --no_augment"].append(project_epoch(opts.model, opts.batch_size, augment=False))
+        times["project, --augment none"].append(project_epoch(opts.model, opts.batch_size, augment=False))
         times["project, default augmentation"].append(project_epoch(opts.model, opts.batch_size, augment=True))
     base = statistics.median(times["plain loop (no augmentation)"])
     print(f"{opts.model}, batch {opts.batch_size}, {torch.get_num_threads()} threads, one epoch of "

@@ -56,11 +56,10 @@ def main():
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batch_size", type=int, default=128)
     opts = p.parse_args()
-    parser = train_pytorch.parse_args([])
-    args = parser.parse_args(["--model", opts.model, "--device", opts.device, "--batch_size", str(opts.batch_size),
-                              "--save_dir", tempfile.mkdtemp(prefix="profile-"), "--no_progress"])
-    train_pytorch.check_args(parser, args)
-    run = train_pytorch.set_up(args, distributed.Dist(torch.device(args.device)), print)
+    args = train_pytorch.settings(["--model", opts.model, "--device", opts.device, "--batch_size",
+                                   str(opts.batch_size), "--save_dir", tempfile.mkdtemp(prefix="profile-"),
+                                   "--no_progress"])
+    run = train_pytorch.set_up(args, distributed.Dist(torch.device(args.device)))
     run.model.train()
     run.batches.new_epoch()
     if run.fast is not None:  # one CUDA GPU: fast_step's step, eagerly and replayed from its graph

@@ -53,7 +53,7 @@ def digits(app_model):
     """For each class 0-9, the first MNIST test image the model reads right as it is: [(label, uint8 28x28)]."""
     import data_loader
     from checkpoint import load_checkpoint
-    data_loader.ensure_mnist()
+    data_loader.check_mnist()
     raw = ROOT / "data" / "MNIST" / "raw"
     images = np.frombuffer(gzip.open(raw / "t10k-images-idx3-ubyte.gz").read(), np.uint8, offset=16)
     labels = np.frombuffer(gzip.open(raw / "t10k-labels-idx1-ubyte.gz").read(), np.uint8, offset=8)

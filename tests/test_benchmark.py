@@ -27,7 +27,7 @@ def test_time_to_a_mark_is_the_shortest_budget_whose_mean_reaches_it():
 def test_a_small_benchmark_writes_json_and_markdown(tmp_path, monkeypatch, python):
     monkeypatch.setattr(sys, "executable", python)  # its training runs through the warm `python` (conftest)
     code = benchmark.main(["--models", "tiny", "--epochs", "1", "--seeds", "2", "--no_baseline", "--device", DEVICE,
-                           "--extra", "--train_subset 6000", "--out", str(tmp_path)])
+                           "--extra", "--train_subset 6000", "--save_dir", str(tmp_path)])
     assert code == 0
     result = json.loads((tmp_path / "benchmark.json").read_text())
     (tiny,) = result["models"]

@@ -5,8 +5,10 @@ import shutil
 import pytest
 import torch
 
+import augment
 import data_loader
-from data_loader import DataError, DeviceBatches, random_affine, split_train_val
+from augment import random_affine
+from data_loader import DataError, TrainBatches, split_train_val
 
 
 def test_shipped_mnist_has_the_documented_counts_and_labels(mnist_splits):
@@ -54,7 +56,7 @@ def test_augmentation_differs_per_sample_and_keeps_the_shape(strength, ink_chang
     torch.manual_seed(0)
     digit = data_loader.load_mnist()["train"][0][0].float().div(255)
     batch = digit.expand(16, 1, 28, 28).clone()
-    out = random_affine(batch, **data_loader.AUGMENTATIONS[strength])
+    out = random_affine(batch, **augment.AUGMENTATIONS[strength])
     assert out.shape == batch.shape
     diffs = [(out[i] - out[0]).abs().sum().item() for i in range(1, 16)]
     assert min(diffs) > 1.0, "two samples got the same warp"
@@ -75,7 +77,7 @@ def test_elastic_distortion_alone_bends_strokes_a_little_and_differently_per_ima
 
 def test_an_unknown_augmentation_name_is_refused():
     with pytest.raises(ValueError, match="unknown augmentation 'heavy'"):
-        DeviceBatches(torch.zeros(4, 28, 28, dtype=torch.uint8), torch.zeros(4), 2, augment="heavy")
+        TrainBatches(torch.zeros(4, 28, 28, dtype=torch.uint8), torch.zeros(4), 2, augment="heavy")
 
 
 def test_identity_affine_leaves_images_unchanged():
@@ -87,13 +89,14 @@ def test_identity_affine_leaves_images_unchanged():
 def test_batches_cover_every_image_once_per_epoch_and_are_normalised():
     images = torch.arange(1000).remainder(256).to(torch.uint8).reshape(1000, 1, 1).expand(1000, 28, 28)
     labels = torch.arange(1000)
-    batches = DeviceBatches(images.contiguous(), labels, 128, shuffle=True, generator=torch.Generator().manual_seed(0))
-    seen = torch.cat([y for _, y in batches])
-    assert len(batches) == 8 and sorted(seen.tolist()) == list(range(1000))
+    batches = TrainBatches(images.contiguous(), labels, 100, augment="none", generator=torch.Generator().manual_seed(0))
+    batches.new_epoch()
+    seen = torch.cat([batches.batch(i)[1] for i in range(len(batches))])
+    assert len(batches) == 10 and sorted(seen.tolist()) == list(range(1000))
     assert seen.tolist() != list(range(1000)), "not shuffled"
-    x, y = next(iter(DeviceBatches(images.contiguous(), labels, 10)))
-    expected = (images[:10].float() / 255 - data_loader.MNIST_MEAN) / data_loader.MNIST_STD
-    assert x.shape == (10, 1, 28, 28) and torch.allclose(x[:, 0], expected)
+    x, y = batches.batch(0)
+    expected = (images[y].float() / 255 - data_loader.MNIST_MEAN) / data_loader.MNIST_STD
+    assert x.shape == (100, 1, 28, 28) and torch.allclose(x[:, 0], expected)
 
 
 @pytest.fixture()
@@ -109,7 +112,9 @@ def data_copy(tmp_path):
 
 def test_shipped_copy_is_unpacked_and_checked_on_first_use(data_copy):
     raw = data_loader.check_mnist(data_copy)
-    assert sorted(p.name for p in raw.iterdir() if not p.suffix and p.name != "SHA256SUMS") == sorted(data_loader.RAW_MD5)
+    assert sorted(p.name for p in raw.iterdir() if not p.suffix and p.name != "SHA256SUMS") == sorted(
+        data_loader.RAW_SIZES)
+    assert torch.equal(data_loader.load_mnist(data_copy)["test"][1], data_loader.load_mnist()["test"][1])
 
 
 def test_corrupted_archive_is_named_with_the_fix(data_copy):
@@ -117,37 +122,26 @@ def test_corrupted_archive_is_named_with_the_fix(data_copy):
     data = bytearray(gzip.decompress(gz.read_bytes()))
     data[100] ^= 0xFF
     gz.write_bytes(gzip.compress(bytes(data)))
-    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz.*git checkout"):
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz is corrupted.*git checkout"):
         data_loader.check_mnist(data_copy)
 
 
-def test_corrupted_raw_file_is_restored_from_the_archive(data_copy):
+def test_a_cut_raw_file_is_unpacked_again_from_the_archive(data_copy):
     raw = data_loader.check_mnist(data_copy)
     (raw / "train-labels-idx1-ubyte").write_bytes(b"garbage")
     data_loader.check_mnist(data_copy)
-    assert data_loader._md5(raw / "train-labels-idx1-ubyte") == data_loader.RAW_MD5["train-labels-idx1-ubyte"]
+    assert (raw / "train-labels-idx1-ubyte").stat().st_size == data_loader.RAW_SIZES["train-labels-idx1-ubyte"]
 
 
-def test_without_the_shipped_copy_and_without_network_the_error_says_what_to_put_where(tmp_path, monkeypatch):
-    import torchvision.datasets
-
-    def no_network(*args, **kwargs):
-        raise ConnectionError("no network")
-    monkeypatch.setattr(torchvision.datasets, "MNIST", no_network)
-    with pytest.raises(DataError, match=r"put train-images-idx3-ubyte.gz.*there"):
-        data_loader.ensure_mnist(tmp_path / "empty")
+def test_without_the_shipped_copy_the_error_says_what_to_restore_and_nothing_is_downloaded(tmp_path):
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz.*missing.*git checkout"):
+        data_loader.load_mnist(tmp_path / "empty")
 
 
-def test_one_missing_archive_is_named(data_copy):
-    (data_copy / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").unlink()
-    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz missing"):
-        data_loader.check_mnist(data_copy)
-
-
-def test_a_damaged_archive_is_found_even_after_unpacking(data_copy):
+def test_a_damaged_archive_is_found_by_the_full_check_even_after_unpacking(data_copy):
     data_loader.check_mnist(data_copy)
     gz = data_copy / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz"
     gz.write_bytes(gz.read_bytes()[:-10])
-    data_loader.check_mnist(data_copy)  # the unpacked files are still right: check_mnist does not reread the .gz
+    data_loader.check_mnist(data_copy)  # the unpacked files are right: the .gz is read only to unpack it
     with pytest.raises(DataError, match="train-labels-idx1-ubyte.gz is corrupted.*git checkout"):
-        data_loader.verify_shipped(data_copy)
+        data_loader.check_mnist(data_copy, full=True)

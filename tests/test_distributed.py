@@ -16,7 +16,7 @@ SCRIPT = str(ROOT / "train_pytorch.py")
 # with --batch_size 64 see exactly the batches of one process with --batch_size 128, and must train the same model.
 # Plain SGD, because Adam divides by the gradient's own size and so blows float rounding up to visible differences
 # in weights whose gradient is near zero (measured: up to 0.05 after 46 steps, for the same 94.2% accuracy).
-FLAGS = ["--model", "simple", "--dropout", "0", "--no_augment", "--lr_scaling", "none", "--optimizer", "sgd",
+FLAGS = ["--model", "simple", "--dropout", "0", "--augment", "none", "--lr_scaling", "none", "--optimizer", "sgd",
          "--learning_rate", "0.02", "--scheduler", "none", "--train_subset", "3000", "--epochs", "1", "--device",
          "cpu", "--no_progress", "--no_plots"]
 

@@ -91,3 +91,13 @@ def test_the_readme_links_every_page_of_docs():
     linked = {file for file, _ in links(README)}
     pages = set(DOCS.glob("*.md"))
     assert pages and pages <= linked, f"README.md does not link {sorted(p.name for p in pages - linked)}"
+
+
+@pytest.mark.parametrize("module_name", sorted(PAGE_OF))
+def test_help_shows_each_default_once(module_name):
+    """A flag's help says its default once, and never "(default: None)": the help says what happens without it."""
+    text = parser_of(module_name).format_help()
+    blocks = re.split(r"\n  (?=-)", text)  # one block per flag
+    assert "(default: None)" not in " ".join(text.split())
+    twice = [block.split()[0] for block in blocks if " ".join(block.split()).count("(default") > 1]
+    assert not twice, f"{module_name}.py --help states the default twice for {twice}"

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+import augment
 import data_loader
 import fast_step
 import train_pytorch
@@ -28,12 +29,13 @@ def test_ema_outside_0_to_1_is_one_line_and_exit_2(tmp_path, capsys, decay):
         train_pytorch.main(["--ema", decay, "--save_dir", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
-    assert "--ema must be in [0, 1)" in err and len(err.strip().splitlines()) == 1
+    assert "argument --ema: must be" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def test_ema_and_augment_level_are_run_settings():
-    assert {"ema", "augment_level"} <= set(train_pytorch.RUN_SETTINGS)
+def test_ema_and_augment_are_run_settings():
+    import resume
+    assert {"ema", "augment"} <= set(resume.RUN_SETTINGS)
 
 
 # ---- the checkpoint ------------------------------------------------------------------------------------------
@@ -44,13 +46,13 @@ def test_the_average_differs_from_the_model_and_the_better_one_is_kept(tmp_path,
     the average."""
     real, scores = train_pytorch.evaluate, iter([(0.50, 0.90), (0.40, 0.95)])  # (loss, accuracy): model, average
     monkeypatch.setattr(train_pytorch, "evaluate", lambda *a, **k: (real(*a, **k), next(scores))[1])
-    assert train_pytorch.main([*SMALL, "--epochs", "1", "--ema", "0.9", "--augment_level", "writers", "--no_test",
+    assert train_pytorch.main([*SMALL, "--epochs", "1", "--ema", "0.9", "--augment", "writers", "--no_test",
                                "--save_dir", str(tmp_path)]) == 0
     assert "-> ema" in capsys.readouterr().out
     best = torch.load(tmp_path / "best_model_tiny_pt.pth", weights_only=True)
     last = torch.load(tmp_path / "last_tiny_pt.pth", weights_only=True)
     assert best["weights"] == "ema" and best["val_accuracy"] == 0.95 and last["weights"] == "model"
-    assert best["args"]["ema"] == 0.9 and best["args"]["augment_level"] == "writers"
+    assert best["args"]["ema"] == 0.9 and best["args"]["augment"] == "writers"
     ema = last["ema"]
     assert ema["n_averaged"].item() == 2000 // 128  # one update per step
     # the average's weights, its last layer divided by the temperature calibration fitted (train_pytorch.calibrate)
@@ -79,8 +81,9 @@ def build_fast_step(decay, augment="writers", epochs=2, capturable=False):
                                        generator=torch.Generator().manual_seed(0), memory_format=memory_format(device))
     args = argparse.Namespace(optimizer="adam", weight_decay=0.0, scheduler="onecycle", epochs=epochs,
                               learning_rate=1e-3, max_lr=5e-3)
-    lrs = fast_step.LearningRates(lambda opt: train_pytorch.make_scheduler(args, opt, len(batches)),
-                                  args.learning_rate, epochs * len(batches), len(batches), device)
+    total = epochs * len(batches)
+    lrs = fast_step.LearningRates(lambda opt: train_pytorch.make_scheduler(args, opt, total), args.learning_rate,
+                                  total, device)
     optimizer = train_pytorch.make_optimizer(args, model, lrs.table[0].clone(), device.type, capturable=capturable)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
     step = fast_step.FastStep(train_pytorch.train_step, model, optimizer, batches, lrs, nullcontext(), 0.1,
@@ -126,7 +129,7 @@ def test_fast_step_average_is_the_plain_loops_average():
 
     plain_model, _, plain_batches, plain_ema, _, _ = build_fast_step(0.8, augment="standard")
     optimizer = train_pytorch.make_optimizer(args, plain_model, args.learning_rate, DEVICE)
-    scheduler, _ = train_pytorch.make_scheduler(args, optimizer, len(plain_batches))
+    scheduler = train_pytorch.make_scheduler(args, optimizer, args.epochs * len(plain_batches))
     plain_model.train()
     plain_batches.new_epoch()
     for i in range(steps):
@@ -177,7 +180,7 @@ def test_graphed_average_equals_the_eager_average():
 @pytest.mark.slow
 def test_ctrl_c_then_resume_with_ema_ends_exactly_where_an_uninterrupted_run_ends(tmp_path, monkeypatch, capsys):
     exact = ["--cuda_graphs", "off", "--deterministic"] if DEVICE == "cuda" else []
-    flags = [*SMALL, "--epochs", "2", "--batch_size", "100", "--ema", "0.95", "--augment_level", "writers",
+    flags = [*SMALL, "--epochs", "2", "--batch_size", "100", "--ema", "0.95", "--augment", "writers",
              "--no_test", *exact]  # 20 steps an epoch
     assert train_pytorch.main([*flags, "--save_dir", str(tmp_path / "straight")]) == 0
     with monkeypatch.context() as m:
@@ -188,7 +191,7 @@ def test_ctrl_c_then_resume_with_ema_ends_exactly_where_an_uninterrupted_run_end
                                "--device", DEVICE, "--no_progress", "--no_plots"]) == 0
     assert "resuming after epoch 1 of 2" in capsys.readouterr().out
     a, b = (torch.load(tmp_path / name / "last_tiny_pt.pth", weights_only=True) for name in ("straight", "cut"))
-    assert b["args"]["ema"] == 0.95 and b["args"]["augment_level"] == "writers"
+    assert b["args"]["ema"] == 0.95 and b["args"]["augment"] == "writers"
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert a["ema"]["n_averaged"].item() == 40
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
@@ -214,23 +217,23 @@ def test_thicker_strokes_add_ink_and_thinner_ones_take_it_away(digits):
     others stay as they were; thinner only, the other way round."""
     same = digits[0][:1].expand(64, 1, 28, 28)
     torch.manual_seed(0)
-    thick = data_loader.random_strokes(same, thicker=1.0, thinner=0.0, blur=0.0)
-    thin = data_loader.random_strokes(same, thicker=0.0, thinner=0.5, blur=0.0)
+    thick = augment.random_strokes(same, thicker=1.0, thinner=0.0, blur=0.0)
+    thin = augment.random_strokes(same, thicker=0.0, thinner=0.5, blur=0.0)
     assert (ink(thick) >= ink(same) - 1e-4).all() and (ink(thick) > ink(same) * 1.1).sum() >= 16
     assert (ink(thin) <= ink(same) + 1e-4).all() and (ink(thin) < ink(same) * 0.9).sum() >= 16
-    full = data_loader.random_strokes(same[:1], thicker=1.0, thinner=0.0, blur=0.0, generator=None)
+    full = augment.random_strokes(same[:1], thicker=1.0, thinner=0.0, blur=0.0, generator=None)
     assert ink(full) <= ink(torch.nn.functional.max_pool2d(same[:1], 3, 1, 1)) + 1e-4  # at most a full dilation
 
 
 def test_strokes_differ_per_image_and_keep_shape_dtype_device_and_range(digits):
     same, different = digits
     torch.manual_seed(0)
-    out = data_loader.random_strokes(same)
+    out = augment.random_strokes(same)
     assert out.shape == same.shape and out.dtype == same.dtype and out.device == same.device
     assert out.min() >= 0 and out.max() <= 1
     diffs = [(out[i] - out[0]).abs().sum().item() for i in range(1, 16)]
     assert min(diffs) > 0.5, "two images got the same strokes"
-    writers = data_loader.augment_batch(different, **data_loader.AUGMENTATIONS["writers"])
+    writers = augment.augment_batch(different, **augment.AUGMENTATIONS["writers"])
     assert writers.shape == different.shape and 0 <= writers.min() and writers.max() <= 1
     assert math.isfinite(ink(writers).sum().item())
 
@@ -240,8 +243,8 @@ def test_the_levels_without_strokes_draw_what_they_always_drew(digits):
     own images for the same seed, so their measured figures still hold."""
     _, x = digits
     for level in ("standard", "strong"):
-        a = data_loader.augment_batch(x, **data_loader.AUGMENTATIONS[level],
+        a = augment.augment_batch(x, **augment.AUGMENTATIONS[level],
                                       generator=torch.Generator().manual_seed(3))
-        b = data_loader.random_affine(x, **data_loader.AUGMENTATIONS[level],
+        b = augment.random_affine(x, **augment.AUGMENTATIONS[level],
                                       generator=torch.Generator().manual_seed(3))
         assert torch.equal(a, b)

@@ -13,7 +13,11 @@ from PIL import Image
 
 import evaluate
 import metrics
-from cnn_pytorch import build_model, count_parameters
+from cnn_pytorch import build_model
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
 
 FIGURES = ("confusion_matrix.png", "sample_predictions.png", "misclassified.png", "per_class_metrics.png")
 
@@ -96,7 +100,8 @@ def first_test_images(monkeypatch):
 def drawn(monkeypatch):
     """The figures are checked above; here only which probabilities would be drawn where."""
     calls = {}
-    monkeypatch.setattr(evaluate.visualization, "plot_test_report",
+    import visualization
+    monkeypatch.setattr(visualization, "plot_test_report",
                         lambda folder, images, y, probs, report: calls.update({folder: probs}))
     return calls
 

@@ -51,7 +51,7 @@ def reference_logits(small_checkpoint, test_batch):
 def exported(small_checkpoint, tmp_path_factory):
     """All three artifacts of the small checkpoint, written by the export command itself (once for all workers)."""
     def export_all(out):
-        assert run_export(["--model_path", small_checkpoint, "--format", "all", "--output_dir", out,
+        assert run_export(["--model_path", small_checkpoint, "--format", "all", "--save_dir", out,
                            "--eval_images", N_EVAL, "--calibration_images", 200, "--bench_seconds", 0,
                            "--threads", 1]) == 0
     return made_once(tmp_path_factory, "export", export_all)
@@ -167,14 +167,16 @@ def test_every_model_exports_to_onnx_and_int8(name, tmp_path, test_batch, mnist_
                for t in int8.graph.initializer) == layers  # every conv and linear layer, none left in float
 
 
-def test_torchscript_name_writes_a_program_without_onnx_packages(small_checkpoint, tmp_path, monkeypatch, capsys):
+def test_pt2_needs_no_onnx_packages_and_torchscript_points_to_it(small_checkpoint, tmp_path, monkeypatch, capsys):
     for module in export.ONNX_PACKAGES:  # not needed for the .pt2
         monkeypatch.setitem(sys.modules, module, None)
-    code = run_export(["--model_path", small_checkpoint, "--format", "torchscript", "--output_dir", tmp_path,
+    code = run_export(["--model_path", small_checkpoint, "--format", "pt2", "--save_dir", tmp_path,
                        "--eval_images", 200, "--bench_seconds", 0, "--threads", 1])
     assert code == 0
     assert "torch.export program" in capsys.readouterr().out
     assert {p.name for p in tmp_path.iterdir()} == {"simple.pt2", "report.md"}
+    assert run_export(["--model_path", small_checkpoint, "--format", "torchscript", "--save_dir", tmp_path / "ts"]) == 2
+    assert "use --format pt2" in one_line_error(capsys) and not (tmp_path / "ts").exists()
 
 
 def test_foreign_checkpoint_is_one_line_exit_2(tmp_path, capsys):
@@ -184,27 +186,27 @@ def test_foreign_checkpoint_is_one_line_exit_2(tmp_path, capsys):
     text.write_text("not a checkpoint")
     for path, phrase in ((foreign, "not a checkpoint of this project"), (text, "refused"),
                          (tmp_path / "missing.pth", "no such checkpoint file")):
-        assert run_export(["--model_path", path, "--output_dir", tmp_path / "out"]) == 2
+        assert run_export(["--model_path", path, "--save_dir", tmp_path / "out"]) == 2
         assert phrase in one_line_error(capsys)
 
 
 def test_unknown_format_is_one_line_exit_2(small_checkpoint, tmp_path, capsys):
-    assert run_export(["--model_path", small_checkpoint, "--format", "tflite", "--output_dir", tmp_path]) == 2
+    assert run_export(["--model_path", small_checkpoint, "--format", "tflite", "--save_dir", tmp_path]) == 2
     assert "invalid choice: 'tflite'" in one_line_error(capsys)
 
 
 def test_unwritable_output_folder_is_one_line_exit_2(small_checkpoint, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("")  # a folder cannot be made under a file, even by root
-    assert run_export(["--model_path", small_checkpoint, "--output_dir", blocker / "export"]) == 2
-    assert "cannot write to --output_dir" in one_line_error(capsys)
+    assert run_export(["--model_path", small_checkpoint, "--save_dir", blocker / "export"]) == 2
+    assert "cannot write to --save_dir" in one_line_error(capsys)
 
 
 @pytest.mark.parametrize("missing", export.ONNX_PACKAGES)
 def test_missing_onnx_package_is_one_line_exit_2(missing, small_checkpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, missing, None)  # makes `import <missing>` fail as if it were not installed
     out = tmp_path / "out"
-    assert run_export(["--model_path", small_checkpoint, "--format", "onnx", "--output_dir", out]) == 2
+    assert run_export(["--model_path", small_checkpoint, "--format", "onnx", "--save_dir", out]) == 2
     err = one_line_error(capsys)
     assert f"{missing} is not installed" in err and "pip install -r requirements.txt" in err
     assert list(out.iterdir()) == []  # nothing written before the check

@@ -8,6 +8,7 @@ import torch
 
 import distributed
 import fast_step
+import resume
 import train_pytorch
 from common import memory_format, random_state, set_random_state, synchronize
 from conftest import ROOT
@@ -41,10 +42,10 @@ def test_each_device_gets_the_optimiser_implementation_that_suits_it(optimizer, 
 
 
 def test_compile_on_mps_with_an_old_torch_is_refused_in_one_line():
-    message = train_pytorch.compile_problem("mps", "2.7.1")
+    message = fast_step.compile_problem("mps", "2.7.1")
     assert "torch 2.8 or newer" in message and "2.7.1" in message and "\n" not in message
-    assert train_pytorch.compile_problem("mps", "2.8.0+cpu") is None
-    assert train_pytorch.compile_problem("cuda", "2.6.0") is None
+    assert fast_step.compile_problem("mps", "2.8.0+cpu") is None
+    assert fast_step.compile_problem("cuda", "2.6.0") is None
 
 
 def test_the_random_state_of_an_mps_run_includes_the_mps_generator(monkeypatch):
@@ -73,7 +74,7 @@ def test_resume_keeps_this_runs_optimiser_flags_and_places_adams_steps_by_them()
     for g in saved["param_groups"]:  # as a CUDA run with a captured step saves it
         g.update(foreach=True, capturable=True)
     mine = torch.optim.Adam(model.parameters(), lr=0.002, foreach=False)
-    train_pytorch.load_optimizer_state(mine, saved)
+    resume.load_optimizer_state(mine, saved)
     group = mine.param_groups[0]
     assert group["foreach"] is False and group["capturable"] is False and group["lr"] == 0.002
     assert all(s["step"].item() == 1 for s in mine.state.values())
@@ -83,7 +84,7 @@ def test_resume_keeps_this_runs_optimiser_flags_and_places_adams_steps_by_them()
     plain.step()
     lr = torch.tensor(0.003)
     graphed = torch.optim.Adam(model.parameters(), lr=lr, capturable=True)
-    train_pytorch.load_optimizer_state(graphed, plain.state_dict())
+    resume.load_optimizer_state(graphed, plain.state_dict())
     group = graphed.param_groups[0]
     assert group["capturable"] is True and group["lr"] is lr  # still the tensor the device-side step writes
     assert all(s["step"].dtype == torch.float32 and s["step"].device == p.device
@@ -100,10 +101,8 @@ def test_a_resumed_run_builds_its_own_optimiser_flags(tmp_path):
     for g in state["optimizer"]["param_groups"]:
         g.update(foreach=True, capturable=True)
     torch.save(state, last)
-    parser = train_pytorch.parse_args()
-    args = parser.parse_args([*TINY, "--epochs", "2", "--resume", "--save_dir", str(tmp_path)])
-    train_pytorch.check_args(parser, args)
-    run = train_pytorch.set_up(args, distributed.Dist(torch.device("cpu")), lambda *a, **k: None)
+    args = train_pytorch.settings([*TINY, "--epochs", "2", "--resume", "--save_dir", str(tmp_path)])
+    run = train_pytorch.set_up(args, distributed.Dist(torch.device("cpu")))
     assert run.state.epoch == 1
     assert all(g["foreach"] is False and g["capturable"] is False for g in run.optimizer.param_groups)
 
@@ -123,19 +122,40 @@ class RefusingGraph:
         raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
 
 
-def test_a_refused_capture_stops_the_run_with_one_line_naming_the_way_out(tmp_path, monkeypatch, capsys):
-    """Falling back to the eager step in the same process is not safe (the CUDA generator can be left in capture
-    mode), so the run stops with one line and exit 1, and says to rerun with --cuda_graphs off. On the CPU the
-    fast path is forced and CUDA's refusal is played by a stand-in for torch.cuda.graph."""
-    monkeypatch.setattr(train_pytorch, "step_path", lambda args, device, dist: (True, True, False))
+def refuse_capture(monkeypatch):
+    """On the CPU the fast path is forced and CUDA's refusal is played by a stand-in for torch.cuda.graph."""
+    monkeypatch.setattr(fast_step, "wanted", lambda args, device, dist: True)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
     monkeypatch.setattr(torch.cuda, "graph", RefusingGraph)
-    with pytest.raises(SystemExit) as stopped:
-        train_pytorch.main([*TINY, "--save_dir", str(tmp_path)])
+
+
+def test_a_refused_capture_starts_the_same_command_again_with_the_plain_loop(tmp_path, monkeypatch, capsys):
+    """--cuda_graphs auto: nobody reruns by hand. The command starts itself again with --cuda_graphs off, in a
+    fresh process (an eager step in the same process is not safe: the CUDA generator can be left in capture
+    mode), and says so in one line; the capture comes before epoch 1, so nothing was written."""
+    import runpy
+    refuse_capture(monkeypatch)
+    started = []
+    monkeypatch.setattr(fast_step.os, "execv", lambda exe, argv: started.append(argv))
+    argv = [str(ROOT / "train_pytorch.py"), *TINY, "--save_dir", str(tmp_path)]
+    monkeypatch.setattr("sys.argv", argv)
+    runpy.run_path(argv[0], run_name="__main__")  # execv is stood in for: the run returns here
     err = capsys.readouterr().err.strip()
-    assert stopped.value.code == 1 and len(err.splitlines()) == 1
-    assert "operation not permitted when stream is capturing" in err and "--cuda_graphs off" in err
-    assert list(tmp_path.iterdir()) == []  # nothing written
+    assert len(err.splitlines()) == 1 and "operation not permitted when stream is capturing" in err
+    assert "starting again with the plain loop (--cuda_graphs off)" in err
+    assert started == [[fast_step.sys.executable, *argv, "--cuda_graphs", "off"]]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_refused_capture_with_cuda_graphs_on_stops_with_one_line(tmp_path, monkeypatch, capsys):
+    refuse_capture(monkeypatch)
+    monkeypatch.setattr(train_pytorch.OneLineParser, "device", lambda self, name: torch.device("cpu"))
+    monkeypatch.setattr(fast_step, "check_args", lambda parser, args: setattr(args, "amp", False))
+    with pytest.raises(SystemExit) as stopped:
+        train_pytorch.main([*TINY, "--cuda_graphs", "on", "--save_dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert stopped.value.code == 1 and len(err.splitlines()) == 1 and "--cuda_graphs off" in err
+    assert list(tmp_path.iterdir()) == []
 
 
 # torchrun with one process joins the process group.

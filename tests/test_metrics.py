@@ -114,7 +114,8 @@ def test_fit_temperature_finds_how_far_the_probabilities_are_off(sharpness):
     y = np.array([rng.choice(10, p=row) for row in p])
     shown = np.exp(sharpness * (z - z.max(1, keepdims=True)))
     shown /= shown.sum(1, keepdims=True)
-    t = metrics.fit_temperature(y, shown.astype(np.float32))
+    import calibration
+    t = calibration.fit_temperature(y, shown.astype(np.float32))
     assert t == pytest.approx(sharpness, rel=0.05)
     calibrated = np.exp(np.log(shown) / t)
     calibrated /= calibrated.sum(1, keepdims=True)
@@ -193,3 +194,20 @@ def test_training_history_png(tmp_path, epochs):
                 "lr": 1e-3 * 0.8 ** e, "seconds": 1.0} for e in range(1, epochs + 1)]
     path = visualization.plot_training_history(history, tmp_path / "training_history.png", best_epoch=epochs)
     _check_png(path)
+
+
+def test_training_history_draws_the_average_and_marks_the_kept_epoch_on_the_curve_it_was_chosen_on(tmp_path,
+                                                                                                   monkeypatch):
+    from matplotlib.axes import Axes
+    history = [{"epoch": e, "train_loss": 1 / e, "train_acc": 0.9, "val_loss": 0.5 / e, "val_acc": 0.95,
+                "ema_val_loss": 0.4 / e, "ema_val_acc": 0.96 + e / 100, "weights": "ema" if e == 2 else "model",
+                "lr": 1e-3, "seconds": 1.0} for e in (1, 2, 3)]
+    drawn, real = [], Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda ax, *a, **k: drawn.append((ax, a, k)) or real(ax, *a, **k))
+    visualization.plot_training_history(history, tmp_path / "h.png", best_epoch=2, label_smoothing=0.1)
+    drawn = [(ax.get_title(), a, k) for ax, a, k in drawn]  # the titles are set after the curves
+    titles = {title for title, _, _ in drawn}
+    assert "Loss: cross-entropy, label smoothing 0.1 as trained" in titles
+    assert sum(k.get("label") == "validation, moving average" for _, _, k in drawn) == 2  # loss and accuracy
+    kept = [a for title, a, k in drawn if title == "Accuracy" and k.get("label", "").startswith("kept")]
+    assert kept == [(2, 0.98 * 100, "*")]  # on the average's curve: epoch 2 kept the average

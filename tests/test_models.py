@@ -6,12 +6,17 @@ import zipfile
 import pytest
 import torch
 
-from cnn_pytorch import MODELS, build_model, count_parameters, fold_temperature
+from calibration import fold_temperature
+from cnn_pytorch import MODELS, build_model
 
 from checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from data_loader import NORMALIZATION
 
 PARAM_RANGE = {"simple": (1.1e6, 1.3e6), "improved": (2.3e6, 2.7e6), "tiny": (2e4, 4e4)}
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -124,7 +129,7 @@ def test_model_type_mismatch_is_an_error(tmp_path):
 
 # Arguments other than the defaults, as a user (or train_pytorch's --dropout) would pass them.
 OTHER_ARGS = {"simple": {"channels": [8, 16], "hidden": 64, "dropout": 0.3},
-              "improved": {"channels": [8, 16, 24], "hidden": [64, 32], "dropout": [0.0, 0.5]},
+              "improved": {"channels": [8, 16, 24], "hidden": [64, 32], "dropout": 0.5, "conv_dropout": 0.0},
               "tiny": {"channels": [4, 8, 12]}}
 
 

@@ -1,14 +1,11 @@
 """Measure training speed and accuracy on this machine: python benchmark.py [--quick] [--device auto]
 
-Every figure comes from running the real command, train_pytorch.py, in a subprocess, and reading the
-training time and test accuracy it reports (data loading and evaluation are timed apart from training).
-Accuracy is the mean and spread over several seeds, never one lucky run. "Time to 99.0%" is the training time
-of the shortest epoch budget whose mean test accuracy reaches 99.0% (the schedule is fitted to the budget, so
-this is the time a user would need, not the first moment a longer run happened to pass the mark).
-
-Beside it, in the same run, a classic tutorial-style script (torchvision DataLoader with per-sample transforms,
-batch 64, the pytorch/examples network and Adadelta) trains for one epoch, so the speed-up is a ratio measured
-on the same machine at the same moment. Results go to <out>/benchmark.json and <out>/benchmark.md.
+Every figure comes from running the real command, train_pytorch.py, in a subprocess, and reading the training
+time and test accuracy it reports; accuracy is the mean and spread over several seeds. "Time to 99.0%" is the
+training time of the shortest epoch budget whose mean test accuracy reaches 99.0% (the schedule is fitted to the
+budget, so this is the time a user would need). Beside it, in the same run, a classic tutorial-style script
+(DataLoader, batch 64) trains one epoch, so the speed-up is a ratio measured on the same machine at the same
+moment. Results go to <save_dir>/benchmark.json and benchmark.md.
 """
 import json
 import os
@@ -24,16 +21,14 @@ from pathlib import Path
 
 import torch
 
-from cnn_pytorch import MODELS
-
 from checkpoint import load_checkpoint
-from common import PROJECT_DIR, OneLineParser, atomic_write, cpu_name, memory_format, synchronize
+from cnn_pytorch import MODELS
+from common import PROJECT_DIR, OneLineParser, at_least, atomic_write, cpu_name, memory_format, synchronize
 
 TRAIN_SCRIPT = PROJECT_DIR / "train_pytorch.py"
 
 # Epoch budgets tried per model (shortest first) and the accuracy marks reported for it.
 BUDGETS = {"tiny": [1, 2], "simple": [1, 3, 10], "improved": [3, 10]}
-QUICK_BUDGETS = {"tiny": [1], "simple": [1], "improved": [1]}
 MARKS = {"tiny": [0.99], "simple": [0.99, 0.993], "improved": [0.99, 0.995]}
 MODEL_FLAGS = {"tiny": ["--preset", "fast"]}  # the recipe each model is meant to be trained with
 
@@ -41,9 +36,10 @@ MODEL_FLAGS = {"tiny": ["--preset", "fast"]}  # the recipe each model is meant t
 def parse_args(argv=None):
     p = OneLineParser(prog="benchmark.py", description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", help="auto, cuda, cpu (passed on to train_pytorch.py)")
-    p.add_argument("--seeds", type=int, default=3, help="training runs per model and budget")
-    p.add_argument("--models", nargs="+", default=None, help=f"models to measure (default: all of {list(MODELS)})")
-    p.add_argument("--epochs", type=int, nargs="+", default=None,
+    p.add_argument("--seeds", type=at_least(1), default=3, help="training runs per model and budget")
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=None,
+                   help=f"models to measure (default: all of {list(MODELS)})")
+    p.add_argument("--epochs", type=at_least(1), nargs="+", default=None,
                    help="epoch budgets to try for every model (default: a ladder per model)")
     p.add_argument("--quick", action="store_true",
                    help="one seed, one epoch, the simple model only unless --models says more, baseline throughput "
@@ -77,10 +73,10 @@ def train_once(model, epochs, seed, device, extra, work):
     found = re.search(r"\| train ([\d,]+) val", result.stdout)  # the images per epoch, from the first line
     images = int(found.group(1).replace(",", "")) if found else 0
     return {"seed": seed, "epochs": epochs, "test_accuracy": report["accuracy"],
-            "training_seconds": report["training_seconds"], "data_seconds": report.get("data_seconds") or 0.0,
-            "compile_seconds": report.get("compile_seconds") or 0.0,
-            "warmup_seconds": report.get("warmup_seconds") or 0.0, "cuda_graphs": bool(report.get("cuda_graphs")),
-            "wall_seconds": report.get("wall_seconds") or 0.0, "process_seconds": process_seconds,
+            "training_seconds": report["training_seconds"],
+            **{key: report.get(key) or 0.0 for key in ("data_seconds", "compile_seconds", "warmup_seconds",
+                                                        "wall_seconds")},
+            "cuda_graphs": bool(report.get("cuda_graphs")), "process_seconds": process_seconds,
             "images_per_second": images * epochs / report["training_seconds"],
             "checkpoint": str(save_dir / f"best_model_{model}_pt.pth")}
 
@@ -141,8 +137,7 @@ def classic_baseline(device, max_batches=None):
         F.cross_entropy(net(x), y).backward()
         opt.step()
         seen += len(y)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     seconds = time.perf_counter() - t
     result = {"images": seen, "training_seconds": seconds, "images_per_second": seen / seconds,
               "epoch_seconds": seconds * len(train) / seen}
@@ -158,26 +153,21 @@ def classic_baseline(device, max_batches=None):
 
 def summarise(model, runs, marks):
     """Per budget: mean +- std of accuracy and time; the time to each mark from the shortest passing budget."""
-    budgets = {}
-    for r in runs:
-        budgets.setdefault(r["epochs"], []).append(r)
     rows = []
-    for epochs, rs in sorted(budgets.items()):
-        accs = [r["test_accuracy"] for r in rs]
-        secs = [r["training_seconds"] for r in rs]
-        rows.append({"epochs": epochs, "seeds": len(rs), "test_accuracy_mean": statistics.mean(accs),
-                     "test_accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                     "training_seconds_mean": statistics.mean(secs),
-                     "seconds_per_epoch": statistics.mean(secs) / epochs,
-                     # Timed apart from training: loading MNIST onto the device; the warm-up (cuDNN autotune,
-                     # torch.compile, CUDA-graph capture); the whole command, start-up and evaluation included.
-                     "data_seconds_mean": statistics.mean(r.get("data_seconds", 0.0) for r in rs),
-                     "compile_seconds_mean": statistics.mean(r.get("compile_seconds", 0.0) for r in rs),
-                     "warmup_seconds_mean": statistics.mean(r.get("warmup_seconds", 0.0) for r in rs),
-                     "process_seconds_mean": statistics.mean(r.get("process_seconds", 0.0) for r in rs),
-                     "training_seconds_std": statistics.stdev(secs) if len(secs) > 1 else 0.0,
+    for epochs in sorted({r["epochs"] for r in runs}):
+        rs = [r for r in runs if r["epochs"] == epochs]
+        mean = lambda key: statistics.mean(r.get(key, 0.0) for r in rs)  # noqa: E731
+        std = lambda key: statistics.stdev(r[key] for r in rs) if len(rs) > 1 else 0.0  # noqa: E731
+        # Timed apart from training: loading MNIST onto the device (data); the warm-up (cuDNN autotune,
+        # torch.compile, CUDA-graph capture); the whole command, start-up and evaluation included (process).
+        rows.append({"epochs": epochs, "seeds": len(rs), "test_accuracy_mean": mean("test_accuracy"),
+                     "test_accuracy_std": std("test_accuracy"), "training_seconds_mean": mean("training_seconds"),
+                     "seconds_per_epoch": mean("training_seconds") / epochs,
+                     **{f"{key}_mean": mean(key) for key in ("data_seconds", "compile_seconds", "warmup_seconds",
+                                                              "process_seconds")},
+                     "training_seconds_std": std("training_seconds"),
                      "cuda_graphs": all(r.get("cuda_graphs") for r in rs),
-                     "images_per_second": statistics.mean(r["images_per_second"] for r in rs)})
+                     "images_per_second": mean("images_per_second")})
     time_to = {}
     for mark in marks:
         passing = [row for row in rows if row["test_accuracy_mean"] >= mark]
@@ -198,10 +188,10 @@ def write_markdown(result, path):
         for row in s["budgets"]:
             lines.append(f"| {s['model']} | {row['epochs']} | {row['seeds']} | {row['test_accuracy_mean'] * 100:.2f}% "
                          f"+- {row['test_accuracy_std'] * 100:.2f} | {row['training_seconds_mean']:.2f} +- "
-                         f"{row.get('training_seconds_std', 0.0):.2f} | {row['seconds_per_epoch']:.2f} | "
-                         f"{row['images_per_second']:,.0f} | {'yes' if row.get('cuda_graphs') else 'no'} | "
-                         f"{row['data_seconds_mean']:.1f} | {row.get('warmup_seconds_mean', 0.0):.1f} | "
-                         f"{row.get('process_seconds_mean', 0.0):.1f} |")
+                         f"{row['training_seconds_std']:.2f} | {row['seconds_per_epoch']:.2f} | "
+                         f"{row['images_per_second']:,.0f} | {'yes' if row['cuda_graphs'] else 'no'} | "
+                         f"{row['data_seconds_mean']:.1f} | {row['warmup_seconds_mean']:.1f} | "
+                         f"{row['process_seconds_mean']:.1f} |")
     lines += ["", "| model | time to mark (training s) | inference latency, batch 1 | inference, batch 1,000 |",
               "|---|---|---|---|"]
     for s in result["models"]:
@@ -211,10 +201,11 @@ def write_markdown(result, path):
                      f"{inf['images_per_second_batch1000']:,.0f} images/s |")
     b = result.get("baseline")
     if b:
-        acc = f"{b['test_accuracy'] * 100:.2f}%" if "test_accuracy" in b else "not measured (partial epoch)"
+        whole = "test_accuracy" in b  # a whole epoch, else --quick's 300 batches
+        how = "measured" if whole else f"extrapolated from {b['images']} images"
+        acc = f"{b['test_accuracy'] * 100:.2f}%" if whole else "not measured (partial epoch)"
         lines += ["", f"Classic DataLoader baseline (pytorch/examples net, batch 64, Adadelta, one epoch): "
-                      f"{b['images_per_second']:,.0f} images/s, {b['epoch_seconds']:.1f} s per epoch "
-                      f"({'measured' if 'test_accuracy' in b else 'extrapolated from ' + str(b['images']) + ' images'}), "
+                      f"{b['images_per_second']:,.0f} images/s, {b['epoch_seconds']:.1f} s per epoch ({how}), "
                       f"test accuracy {acc}."]
         for s in result["models"]:
             lines.append(f"- {s['model']}: {s['budgets'][0]['images_per_second'] / b['images_per_second']:.1f}x "
@@ -224,19 +215,15 @@ def write_markdown(result, path):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = parse_args(argv)
     args = parser.parse_args(argv)
     device = parser.device(args.device)
     models = args.models or (["simple"] if args.quick else list(MODELS))
-    unknown = [m for m in models if m not in MODELS]
-    if unknown:
-        parser.error(f"unknown model(s) {', '.join(unknown)}: choose from {', '.join(MODELS)}")
-    if args.seeds < 1:
-        parser.error("--seeds must be at least 1")
     seeds = 1 if args.quick else args.seeds
     out = parser.output_dir(args.save_dir)
 
-    result = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": "python benchmark.py " + shlex.join(sys.argv[1:]),
+    result = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": shlex.join(["python", "benchmark.py", *argv]),
               "machine": machine_info(device), "models": []}
     with tempfile.TemporaryDirectory() as work:
         if not args.no_baseline:
@@ -244,7 +231,7 @@ def main(argv=None):
             result["baseline"] = classic_baseline(device, max_batches=300 if args.quick else None)
             print(f"  {result['baseline']['images_per_second']:,.0f} images/s", flush=True)
         for model in models:
-            budgets = args.epochs or (QUICK_BUDGETS if args.quick else BUDGETS).get(model, [1])
+            budgets = args.epochs or ([1] if args.quick else BUDGETS.get(model, [1]))
             runs = []
             for epochs in budgets:
                 for seed in range(seeds):

@@ -12,14 +12,10 @@ import torch
 import data_loader
 import metrics
 from checkpoint import CheckpointError, load_checkpoint, model_path_or_default
-from common import PROJECT_DIR, OneLineParser, memory_format, pick_device, print_error, shown_path, writable_dir
+from common import PROJECT_DIR, OneLineParser, at_least, fail, memory_format, shown_path
 from data_loader import predict_probs
 
 PROG = "evaluate.py"
-
-
-class InputError(Exception):
-    """Bad input from the user, phrased as one line for them."""
 
 
 def parse_args(argv=None):
@@ -34,7 +30,7 @@ def parse_args(argv=None):
                         "itself, where the training report of the same names would be overwritten")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
     p.add_argument("--data_dir", default=str(PROJECT_DIR / "data"), help="where MNIST lives")
-    p.add_argument("--batch_size", type=int, default=None,
+    p.add_argument("--batch_size", type=at_least(1), default=None,
                    help="test images per forward pass (default: 5000 on CUDA, 256 on a CPU, 1000 on MPS)")
     return p
 
@@ -54,12 +50,6 @@ def autocast_for(ckpt, device):
     if device.type == "cuda" and ckpt.get("args", {}).get("amp"):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
-
-
-def load(path, device):
-    """Rebuild one checkpoint's model on the device: (model, checkpoint dict). Raises CheckpointError."""
-    model, ckpt = load_checkpoint(path, device)
-    return model.to(memory_format=memory_format(device)), ckpt  # as in training: same kernels, same numbers
 
 
 def checkpoint_info(path, ckpt, params, device):
@@ -87,32 +77,30 @@ def print_table(rows):
         print(f"{name:<{width}}  {params:>11,}  {accuracy * 100:>12.2f}%  {checkpoint}")
 
 
-def run(args):
-    if args.batch_size is not None and args.batch_size < 1:
-        raise InputError(f"--batch_size must be at least 1, got {args.batch_size}")
-    try:
-        device = pick_device(args.device)
-    except ValueError as err:
-        raise InputError(str(err)) from None
+def main(argv=None):
+    parser = parse_args(argv)
+    args = parser.parse_args(argv)
+    device = parser.device(args.device)
     # Every checkpoint is loaded before the test set is read: a typo fails in a second, before anything is written.
     typed_paths = args.model_path or [None]  # none given: the model predict.py would use
-    paths = [model_path_or_default(p) for p in typed_paths]
-    loaded = [load(path, device) for path in paths]
     try:
-        save_dir = writable_dir(args.save_dir)
-    except OSError as err:
-        raise InputError(str(err)) from None
-    test_x, test_y = data_loader.load_mnist(args.data_dir)["test"]
+        paths = [model_path_or_default(p) for p in typed_paths]
+        loaded = [load_checkpoint(path, device) for path in paths]
+        save_dir = parser.output_dir(args.save_dir)
+        test_x, test_y = data_loader.load_mnist(args.data_dir)["test"]
+    except (CheckpointError, data_loader.DataError) as err:
+        fail(PROG, err, 2)  # one line whatever the message holds (load_state_dict's errors span several)
     test_x_device, several = test_x.to(device), len(paths) > 1
 
     rows, all_probs = [], []
     names = report_names([ckpt for _, ckpt in loaded])
     for typed, path, name, (model, ckpt) in zip(typed_paths, paths, names, loaded):
+        model = model.to(memory_format=memory_format(device))  # as in training: same kernels, same numbers
         probs = predict_probs(model, test_x_device, autocast_for(ckpt, device), batch_size=args.batch_size).cpu()
         params = sum(p.numel() for p in model.parameters())
         # Several models: figures go to a folder per model, since their file names are fixed.
         report = metrics.write_test_report(save_dir, name, checkpoint_info(path, ckpt, params, device), test_x,
-                                            test_y, probs, save_dir / name if several else save_dir)
+                                           test_y, probs, save_dir / name if several else save_dir)
         check_reproduced(path, ckpt, report["accuracy"])
         rows.append((name, params, report["accuracy"], typed or shown_path(path)))
         all_probs.append(probs)
@@ -125,16 +113,6 @@ def run(args):
     print_table(rows)
     print(f"reports written to {save_dir}")
     return 0
-
-
-def main(argv=None):
-    args = parse_args(argv).parse_args(argv)
-    try:
-        return run(args)
-    except (InputError, CheckpointError, data_loader.DataError) as err:
-        # One line whatever the message holds (PyTorch's load_state_dict errors span several).
-        print_error(PROG, err)
-        return 2
 
 
 if __name__ == "__main__":

@@ -5,16 +5,8 @@ break in a multi-line picture is written `-`, `0003_12-345.png`). Its kind is th
 (`FOLDER/touching/0007_2026.png` is of kind `touching`); pictures directly in FOLDER are of kind `.`. For each
 kind it prints the string accuracy (the whole number right), the digit accuracy (digits right at their place,
 over the true digits, when the count is right; a wrong count scores none of that number's digits), and the
-segmentation errors (pictures read with the wrong number of digits).
-
-    python evaluate_numbers.py results/numbers_test                        # the reader of predict.py --number
-    python evaluate_numbers.py results/numbers_test --recipe plain         # the plain recipe, as a baseline
-    python evaluate_numbers.py --time results/photo_12mp_20260417.jpg      # seconds to read one picture
-
-The plain recipe is what most tutorials do: a global threshold (Otsu's), connected components, small ones
-dropped, sorted by x, each classified (fitted into 20x20 and centred by mass like our reader, so the
-comparison is about finding the digits, not about framing them). `--json` writes the table as one JSON
-object. Exit code 0; 2 for bad flags or an unusable checkpoint.
+segmentation errors (pictures read with the wrong number of digits). `--recipe plain` scores the recipe most
+tutorials use instead, as a baseline; `--time PICTURE` times the reader on one picture (docs/numbers.md).
 """
 import json
 import sys
@@ -23,15 +15,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 import number_judge
 import preprocess
 from checkpoint import CheckpointError, load_checkpoint, model_path_or_default
-from common import OneLineParser, fail, first_line
+from common import OneLineParser, at_least, fail, first_line
+
+PROG = "evaluate_numbers.py"
 
 
 def parse_args():
-    p = OneLineParser(prog="evaluate_numbers.py", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("folder", nargs="?", help="pictures of numbers, in one subfolder per kind")
     p.add_argument("--model_path", default=None,
                    help="checkpoint; default: the one predict.py uses (results/best_model_simple_pt.pth, else "
@@ -41,14 +36,14 @@ def parse_args():
                         "sort by x, classify each")
     p.add_argument("--judge", metavar="PATH", default=None,
                    help="the reader's number judge (default: pretrained/number_judge.pth when it is there; none: "
-                        "read without one, as before it existed)")
+                        "read without one)")
     p.add_argument("--digits_known", action="store_true",
                    help="tell the reader how many digits each number has (predict.py --digits)")
     p.add_argument("--json", action="store_true", help="print the table as one JSON object")
-    p.add_argument("--errors", type=int, default=0, help="also list up to this many misread pictures per kind")
+    p.add_argument("--errors", type=at_least(0), default=0, help="also list up to this many misread pictures per kind")
     p.add_argument("--time", metavar="PICTURE", default=None,
                    help="instead: read PICTURE --repeat times and print the seconds each read took")
-    p.add_argument("--repeat", type=int, default=5, help="reads for --time (the first is reported apart)")
+    p.add_argument("--repeat", type=at_least(1), default=5, help="reads for --time (the first is reported apart)")
     return p
 
 
@@ -79,28 +74,26 @@ def _otsu(values):
 
 def plain_recipe(source, classify):
     """The tutorial recipe: greyscale, Otsu threshold (the minority side is ink), connected components,
-    components under 0.1% of the picture dropped, sorted by x, each classified. -> the number string."""
+    components under 0.1% of the picture dropped, sorted by x, each classified. -> the number string.
+
+    Each digit is fitted and centred as our reader does it, so the comparison is about finding the digits, not
+    about framing them."""
     img = preprocess.open_image(source)
     grey, _ = preprocess._reduce_to(img.convert("L"), preprocess.NUMBER_MAX)
     grey = np.asarray(grey, np.float32) / 255.0
     t = _otsu(grey)
-    ink = grey < t if (grey < t).mean() < 0.5 else grey > t
-    value = (1.0 - grey) if (grey < t).mean() < 0.5 else grey
-    labels = preprocess._label_components(ink)
-    ids, counts = np.unique(labels[labels > 0], return_counts=True)
-    boxes = []
-    for i, c in zip(ids, counts):
-        if c < 0.001 * ink.size:
-            continue
-        ys, xs = np.nonzero(labels == i)
-        boxes.append((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1, i))
+    dark = grey < t
+    ink, value = (dark, 1.0 - grey) if dark.mean() < 0.5 else (grey > t, grey)
+    labels, count = ndimage.label(ink, preprocess.EIGHT)
+    sizes = ndimage.sum_labels(ink, labels, range(1, count + 1))
+    boxes = sorted((box[1].start, label, box) for label, box in enumerate(ndimage.find_objects(labels), 1)
+                   if sizes[label - 1] >= 0.001 * ink.size)
     if not boxes or len(boxes) > preprocess.MAX_DIGITS:
         return ""
     pixels = []
-    for x0, y0, x1, y1, i in sorted(boxes):
-        crop = np.where(labels[y0:y1, x0:x1] == i, value[y0:y1, x0:x1], 0.0).astype(np.float32)
-        crop = crop / max(float(crop.max()), 1e-6)
-        pixels.append(preprocess.fit_and_centre(crop))
+    for _, label, box in boxes:
+        crop = np.where(labels[box] == label, value[box], 0.0).astype(np.float32)
+        pixels.append(preprocess.fit_and_centre(crop / max(float(crop.max()), 1e-6)))
     probs = np.asarray(classify(np.stack(pixels)))
     return "".join(str(int(d)) for d in probs.argmax(1))
 
@@ -121,14 +114,14 @@ def score(folder, recipe, classify, digits_known=False, keep_errors=0, judge=Non
     pictures = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in preprocess.IMAGE_SUFFIXES)
     table = {}
     for path in pictures:
-        kind = path.parent.relative_to(folder).as_posix()
         truth = truth_of(path)
-        got = read(path, recipe, classify, len(truth.replace("\n", "")) if digits_known else None, judge)
-        row = table.setdefault(kind, {"n": 0, "right": 0, "digits": 0, "digits_right": 0, "count_wrong": 0,
-                                      "errors": []})
+        flat_truth = truth.replace("\n", "")
+        got = read(path, recipe, classify, len(flat_truth) if digits_known else None, judge)
+        flat_got = got.replace("\n", "").replace(".", "").replace("-", "")
+        row = table.setdefault(path.parent.relative_to(folder).as_posix(), {
+            "n": 0, "right": 0, "digits": 0, "digits_right": 0, "count_wrong": 0, "errors": []})
         row["n"] += 1
-        row["digits"] += len(truth.replace("\n", ""))
-        flat_truth, flat_got = truth.replace("\n", ""), got.replace("\n", "").replace(".", "").replace("-", "")
+        row["digits"] += len(flat_truth)
         if got == truth:
             row["right"] += 1
         elif len(row["errors"]) < keep_errors:
@@ -157,21 +150,19 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if (args.folder is None) == (args.time is None):
         parser.error("give a FOLDER of pictures to score, or --time PICTURE")
-    if args.repeat < 1:
-        parser.error(f"--repeat must be at least 1, got {args.repeat}")
     try:
         model_path = model_path_or_default(args.model_path)
         model, ckpt = load_checkpoint(model_path)
         judge = number_judge.judge_for(args.judge) if args.recipe == "reader" else None
     except CheckpointError as err:
-        fail("evaluate_numbers.py", err, 2)
+        fail(PROG, err, 2)
     classify = make_classifier(model, ckpt["normalization"]["mean"], ckpt["normalization"]["std"])
     torch.set_grad_enabled(False)
     if args.time:
         try:
             times, reading = time_reads(args.time, classify, args.repeat, judge)
         except preprocess.ImageError as err:
-            fail("evaluate_numbers.py", f"{args.time}: {first_line(err)}", 1)
+            fail(PROG, f"{args.time}: {first_line(err)}", 1)
         later = sorted(times[1:]) or times
         print(f"{args.time}: read {reading.number!r} ({reading.size[0]}x{reading.size[1]} pixels); first read "
               f"{times[0]:.3f} s, then median {later[len(later) // 2]:.3f} s over {len(later)} reads "
@@ -182,7 +173,7 @@ def main(argv=None):
     started = time.perf_counter()
     table = score(args.folder, args.recipe, classify, args.digits_known, args.errors, judge)
     if not table:
-        fail("evaluate_numbers.py", f"no pictures in {args.folder}", 1)
+        fail(PROG, f"no pictures in {args.folder}", 1)
     if args.json:
         print(json.dumps({"folder": str(args.folder), "recipe": args.recipe, "model": str(model_path),
                           "judge": str(args.judge or number_judge.PRETRAINED_JUDGE) if judge is not None else None,

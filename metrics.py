@@ -2,17 +2,8 @@
 
 Everything here takes plain arrays (true labels, predicted probabilities) and returns plain numbers, so the
 same functions score a training run, a saved checkpoint or an ensemble. scikit-learn does the scoring.
-
-compute_metrics() returns a dict with these keys (REPORT_KEYS), all JSON-ready Python numbers and lists:
-  accuracy, top2_accuracy, loss (mean cross-entropy), num_samples, num_errors,
-  ece (expected calibration error of the top-1 confidence, ECE_BINS equal-width bins),
-  per_class {"0".."9": {precision, recall, f1, support}}, macro_avg and weighted_avg {precision, recall, f1, support},
-  confusion_matrix (rows: true digit, columns: predicted digit),
-  most_confused [{true, predicted, count}] (the TOP_PAIRS largest off-diagonal cells),
-  worst_misclassifications [{index, true, predicted, confidence, second, second_confidence, true_confidence}]
-  (the WORST wrong predictions made with the highest confidence; index is the position in the test set).
-write_metrics() adds the run facts (RUN_KEYS: model, parameters, epochs_run, training_seconds, device, seed,
-and whatever else it is given) to the JSON, and writes the same numbers as an aligned text report.
+compute_metrics() gives the keys of REPORT_KEYS; write_metrics() adds the run facts of RUN_KEYS (null when
+unknown) and whatever else it is given to the JSON, and writes the same numbers as an aligned text report.
 """
 import csv
 import json
@@ -88,16 +79,13 @@ def expected_calibration_error(y_true, probs, bins=ECE_BINS):
     """
     confidence, correct = probs.max(1), probs.argmax(1) == y_true
     which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        in_bin = which == b
-        if in_bin.any():
-            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-    return float(ece)
+    # sum over bins of (bin size / N) * |accuracy - confidence| = |right answers - summed confidence| / N
+    gaps = np.bincount(which, correct, bins) - np.bincount(which, confidence, bins)
+    return float(np.abs(gaps).sum() / len(y_true))
 
 
 def compute_metrics(y_true, probs):
-    """y_true (N,) ints, probs (N, classes) softmax outputs -> the report dict described at the top."""
+    """y_true (N,) ints, probs (N, classes) softmax outputs -> {REPORT_KEYS: JSON-ready numbers and lists}."""
     y_true, probs = _check_inputs(y_true, probs)
     y_pred = probs.argmax(1)
     labels = list(range(probs.shape[1]))
@@ -116,11 +104,6 @@ def compute_metrics(y_true, probs):
     }
 
 
-def _write_text(path, text):
-    with atomic_write(path) as tmp:
-        tmp.write_text(text)
-
-
 def _fact(value):
     if value is None:
         return "unknown"
@@ -135,23 +118,6 @@ def _section(title):
     return ["", title, "-" * len(title)]
 
 
-def _summary_lines(m):
-    n, errors = m["num_samples"], m["num_errors"]
-    return [f"{'test accuracy':<22}{m['accuracy'] * 100:7.2f}%   ({n - errors:,} of {n:,} right, {errors:,} wrong)",
-            f"{'top-2 accuracy':<22}{m['top2_accuracy'] * 100:7.2f}%   (right digit among the two most likely)",
-            f"{'test loss':<22}{m['loss']:8.4f}   (mean cross-entropy)",
-            f"{'calibration error':<22}{m['ece'] * 100:7.2f}%   (ECE, {ECE_BINS} bins; 0: confidence = accuracy)"]
-
-
-def _class_lines(m):
-    lines = [f"{'digit':>12} {'precision':>10} {'recall':>10} {'f1':>10} {'support':>9}"]
-    rows = [(c, s) for c, s in m["per_class"].items()] + [("macro avg", m["macro_avg"]),
-                                                          ("weighted avg", m["weighted_avg"])]
-    for name, s in rows:
-        lines.append(f"{name:>12} {s['precision']:>10.4f} {s['recall']:>10.4f} {s['f1']:>10.4f} {s['support']:>9,}")
-    return lines
-
-
 def _confusion_lines(cm):
     width = max(5, len(f"{max(max(r) for r in cm):,}") + 1)
     lines = ["true \\ predicted", " " * 6 + "".join(f"{c:>{width}}" for c in range(len(cm)))]
@@ -161,8 +127,21 @@ def _confusion_lines(cm):
     return lines
 
 
-def _error_lines(m):
-    lines = [f"{'true':>6} {'predicted':>10} {'count':>7}"]
+def format_metrics(m, info):
+    """The text report: aligned columns, readable in a terminal, the same numbers as the JSON."""
+    n, errors = m["num_samples"], m["num_errors"]
+    lines = [f"MNIST test report: {info.get('model', '?')} model", *_section("Run"),
+             *[f"{key:<22}{_fact(value)}" for key, value in info.items()], *_section("Summary"),
+             f"{'test accuracy':<22}{m['accuracy'] * 100:7.2f}%   ({n - errors:,} of {n:,} right, {errors:,} wrong)",
+             f"{'top-2 accuracy':<22}{m['top2_accuracy'] * 100:7.2f}%   (right digit among the two most likely)",
+             f"{'test loss':<22}{m['loss']:8.4f}   (mean cross-entropy)",
+             f"{'calibration error':<22}{m['ece'] * 100:7.2f}%   (ECE, {ECE_BINS} bins; 0: confidence = accuracy)",
+             *_section("Per digit"), f"{'digit':>12} {'precision':>10} {'recall':>10} {'f1':>10} {'support':>9}"]
+    for name, s in [*m["per_class"].items(), ("macro avg", m["macro_avg"]), ("weighted avg", m["weighted_avg"])]:
+        lines.append(f"{name:>12} {s['precision']:>10.4f} {s['recall']:>10.4f} {s['f1']:>10.4f} {s['support']:>9,}")
+    lines += _section("Confusion matrix (rows: true digit, columns: predicted; . = 0)")
+    lines += _confusion_lines(m["confusion_matrix"])
+    lines += _section(f"Most confused pairs (top {TOP_PAIRS})") + [f"{'true':>6} {'predicted':>10} {'count':>7}"]
     lines += [f"{p['true']:>6} {p['predicted']:>10} {p['count']:>7}" for p in m["most_confused"]] or ["  none"]
     lines += _section("Worst misclassifications (the most confident mistakes; index: position in the test set)")
     lines.append(f"{'index':>6} {'true':>5} {'predicted':>10} {'confidence':>11} {'runner-up':>14} {'p(true)':>9}")
@@ -171,19 +150,6 @@ def _error_lines(m):
                      f"{w['second']:>5} ({w['second_confidence'] * 100:5.2f}%) {w['true_confidence'] * 100:>8.2f}%")
     if not m["worst_misclassifications"]:
         lines.append("  none: every test digit is right")
-    return lines
-
-
-def format_metrics(metrics, info):
-    """The text report: aligned columns, readable in a terminal, the same numbers as the JSON."""
-    lines = [f"MNIST test report: {info.get('model', '?')} model"]
-    lines += _section("Run")
-    lines += [f"{key:<22}{_fact(value)}" for key, value in info.items()]
-    lines += _section("Summary") + _summary_lines(metrics)
-    lines += _section("Per digit") + _class_lines(metrics)
-    lines += _section("Confusion matrix (rows: true digit, columns: predicted; . = 0)")
-    lines += _confusion_lines(metrics["confusion_matrix"])
-    lines += _section(f"Most confused pairs (top {TOP_PAIRS})") + _error_lines(metrics)
     return "\n".join(lines) + "\n"
 
 
@@ -203,8 +169,9 @@ def write_metrics(metrics, save_dir, model_name, info):
     save_dir = Path(save_dir)
     info = {**info, **{key: None for key in RUN_KEYS if key not in info}}
     txt, js = save_dir / f"metrics_{model_name}.txt", save_dir / f"metrics_{model_name}.json"
-    _write_text(txt, format_metrics(metrics, info))
-    _write_text(js, json.dumps({**info, **metrics}, indent=2) + "\n")
+    for path, text in ((txt, format_metrics(metrics, info)), (js, json.dumps({**info, **metrics}, indent=2) + "\n")):
+        with atomic_write(path) as tmp:
+            tmp.write_text(text)
     return txt, js
 
 

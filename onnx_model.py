@@ -14,46 +14,30 @@ import numpy as np
 
 from checkpoint import MAX_MODEL_FILE_BYTES, CheckpointError
 from cnn_pytorch import CLASSES
+from common import first_line
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"  # the names of an exported model's input and output
-
-
-def _show(value, limit=60):
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class OnnxModel:
     """An exported ONNX model run by ONNX Runtime: call it on normalised float32 (N, 1, 28, 28), get logits (N, C).
 
     `normalization` ({"mean", "std"}) and `classes` come from the file's own metadata, so the file is all that a
-    deployment needs; `normalize()` turns uint8 (N, 28, 28) or [0, 1] float (N, 1, 28, 28) images into the input.
+    deployment needs.
     """
 
-    def __init__(self, session, metadata, path):
-        self.session, self.metadata, self.path = session, metadata, Path(path)
+    def __init__(self, session, metadata):
+        self.session = session
         self.normalization = {"mean": float(metadata["mnist.normalization_mean"]),
                               "std": float(metadata["mnist.normalization_std"])}
         self.classes = json.loads(metadata["mnist.classes"])
         self.model_name = metadata.get("mnist.model", "unknown")
-
-    def normalize(self, images):
-        x = np.asarray(images)
-        if x.dtype == np.uint8:
-            x = x.astype(np.float32) / 255.0
-        if x.ndim == 3:
-            x = x[:, None]
-        return ((x - self.normalization["mean"]) / self.normalization["std"]).astype(np.float32)
 
     def __call__(self, x):
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 4 or x.shape[1:] != (1, 28, 28):
             raise ValueError(f"expected a float32 batch of shape (N, 1, 28, 28), got {x.shape}")
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
-
-
-_ONNX_FLOAT = 1  # onnx.TensorProto.FLOAT
-_ONNX_INPUT = ("N", 1, 28, 28)
 
 
 def _onnx_tensors(graph):
@@ -69,12 +53,6 @@ def _onnx_tensors(graph):
             yield from attr.tensors
             for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
                 yield from _onnx_tensors(sub)
-
-
-def _onnx_dims(value_info):
-    """The declared shape of a graph input, e.g. ("N", 1, 28, 28): a name (or "?") where a dimension is dynamic."""
-    dims = value_info.type.tensor_type.shape.dim
-    return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims)
 
 
 def _check_onnx(path, proto, onnx):
@@ -95,10 +73,10 @@ def _check_onnx(path, proto, onnx):
     if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
         raise CheckpointError(not_ours.format(f"normalization mean {mean}, std {std}"))
     if not (isinstance(classes, list) and len(classes) == len(CLASSES) and all(isinstance(c, str) for c in classes)):
-        raise CheckpointError(not_ours.format(f"mnist.classes {_show(classes)} is not {len(CLASSES)} names"))
-    declared = inputs[0].type.tensor_type
-    dims = _onnx_dims(inputs[0])
-    if declared.elem_type != _ONNX_FLOAT or len(dims) != 4 or dims[1:] != _ONNX_INPUT[1:] \
+        raise CheckpointError(not_ours.format(f"mnist.classes {repr(classes)[:60]} is not {len(CLASSES)} names"))
+    declared = inputs[0].type.tensor_type  # its shape, e.g. ("N", 1, 28, 28): a name or "?" where dynamic
+    dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in declared.shape.dim)
+    if declared.elem_type != onnx.TensorProto.FLOAT or len(dims) != 4 or dims[1:] != (1, 28, 28) \
             or (isinstance(dims[0], int) and dims[0] < 1):
         shape = "(" + ", ".join(str(d) for d in dims) + ")"
         try:
@@ -107,7 +85,7 @@ def _check_onnx(path, proto, onnx):
             kind = f"type {declared.elem_type}"
         raise CheckpointError(f"{path}: refused, its input is {kind} {shape}, not float (N, 1, 28, 28): not a "
                               f"model for 28x28 MNIST digits")
-    if any(t.data_location == 1 for t in _onnx_tensors(graph)):  # onnx.TensorProto.EXTERNAL
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in _onnx_tensors(graph)):
         raise CheckpointError(f"{path}: refused, it keeps weights in other files (ONNX external data); "
                               f"export.py writes everything into one file")
 
@@ -115,15 +93,11 @@ def _check_onnx(path, proto, onnx):
 def load_onnx_model(path, threads=None):
     """Open an ONNX file written by export.py with ONNX Runtime (CPU); CheckpointError (one line) when it cannot."""
     try:
+        import onnx
         import onnxruntime as ort
     except ImportError as err:
-        raise CheckpointError("onnxruntime is not installed (it runs .onnx models): pip install -r "
-                              "requirements.txt") from err
-    try:
-        import onnx
-    except ImportError as err:
-        raise CheckpointError("onnx is not installed (it checks .onnx files before they run): pip install -r "
-                              "requirements.txt") from err
+        raise CheckpointError(f"{err.name} is not installed (it checks and runs .onnx models): pip install -r "
+                              f"requirements.txt") from err
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such ONNX file")
@@ -135,8 +109,8 @@ def load_onnx_model(path, threads=None):
     try:
         proto = onnx.load_model_from_string(data)
     except Exception as err:  # protobuf's DecodeError, and whatever else a garbled file raises
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CheckpointError(f"{path}: not an ONNX model, ONNX Runtime cannot load it ({first[:120]})") from None
+        raise CheckpointError(f"{path}: not an ONNX model, ONNX Runtime cannot load it ({first_line(err, 120)})") \
+            from None
     _check_onnx(path, proto, onnx)
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: ORT's graph-optimisation notes are not for the user
@@ -145,11 +119,5 @@ def load_onnx_model(path, threads=None):
     try:
         session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     except Exception as err:  # ORT raises its own exception types for every kind of bad file
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CheckpointError(f"{path}: ONNX Runtime cannot load it ({first[:160]})") from err
-    metadata = session.get_modelmeta().custom_metadata_map
-    names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
-    if names != ([INPUT_NAME], [OUTPUT_NAME]) or session.get_inputs()[0].shape[1:] != list(_ONNX_INPUT[1:]):
-        raise CheckpointError(f"{path}: not an MNIST model exported by export.py (ONNX Runtime sees other "
-                              f"inputs/outputs); export one with `python export.py --format onnx`")
-    return OnnxModel(session, metadata, path)
+        raise CheckpointError(f"{path}: ONNX Runtime cannot load it ({first_line(err, 160)})") from err
+    return OnnxModel(session, session.get_modelmeta().custom_metadata_map)

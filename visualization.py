@@ -7,15 +7,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+
+from common import atomic_write
 
 matplotlib.use("Agg")  # files only, never a window: works on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from common import atomic_write  # noqa: E402
 import seaborn as sns  # noqa: E402
-from matplotlib.ticker import (FormatStrFormatter, LogLocator, MaxNLocator, NullFormatter,  # noqa: E402
-                               PercentFormatter)
+from matplotlib.ticker import FormatStrFormatter, LogLocator, MaxNLocator, NullFormatter, PercentFormatter  # noqa: E402
 
 # One meaning, one colour, in every figure.
 TRAIN, VAL, EMA, LR, BEST = "tab:blue", "tab:orange", "tab:purple", "tab:green", "dimgray"
@@ -152,10 +151,9 @@ def plot_sample_predictions(images, y_true, probs, path, grid=SAMPLE_GRID, seed=
     with _figure(path, rows, cols, figsize=(1.55 * cols, 1.75 * rows + 0.4),
                  title=f"Random test digits: predicted (confidence); red: wrong, with the true digit "
                        f"({wrong} of {n})") as (fig, axes):
-        for ax in np.ravel(axes):
+        for ax in np.ravel(axes)[n:]:
             ax.axis("off")
         for ax, i in zip(np.ravel(axes), pick):
-            ax.axis("on")
             ok = pred[i] == y_true[i]
             label = f"{pred[i]} ({_percent(probs[i, pred[i]])})" + ("" if ok else f"\ntrue {y_true[i]}")
             _show_digit(ax, images[i], label, RIGHT if ok else WRONG)
@@ -172,10 +170,9 @@ def plot_misclassified(images, worst, path, cols=5):
     rows = -(-len(worst) // cols)
     with _figure(path, rows, cols, figsize=(2.5 * cols, 2.75 * rows + 0.5), squeeze=False,
                  title=f"The {len(worst)} most confident mistakes (test set)") as (fig, axes):
-        for ax in axes.ravel():
+        for ax in axes.ravel()[len(worst):]:
             ax.axis("off")
         for ax, w in zip(axes.ravel(), worst):
-            ax.axis("on")
             title = (f"#{w['index']}: true {w['true']}, said {w['predicted']}\n"
                      f"{w['confidence'] * 100:.1f}% sure; 2nd: {w['second']} ({w['second_confidence'] * 100:.1f}%)")
             _show_digit(ax, images[w["index"]], title, WRONG)

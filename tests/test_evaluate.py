@@ -19,14 +19,19 @@ from cnn_pytorch import build_model
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
 
+
 FIGURES = ("confusion_matrix.png", "sample_predictions.png", "misclassified.png", "per_class_metrics.png")
 
 
 def run_main(argv):
-    """evaluate.main in this process (no second torch start-up): (exit code, stdout, stderr)."""
+    """evaluate.main in this process (no second torch start-up): (exit code, stdout, stderr), as the shell sees
+    them whether it returned or exited."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = evaluate.main([str(a) for a in argv])
+        try:
+            code = evaluate.main([str(a) for a in argv])
+        except SystemExit as stop:
+            code = stop.code
     return code, out.getvalue(), err.getvalue()
 
 

@@ -1,31 +1,14 @@
 """Draw a digit in the browser and watch the model read it: python app.py, then open http://127.0.0.1:8000/
 
-A small local web app on Python's standard library HTTP server (no framework: three routes and one page do
-not need one, and nothing new to install). The page (static/index.html, plain HTML/CSS/JS, nothing fetched
-from the internet) has a canvas to draw on with mouse or finger, Clear and Undo, an image upload, and shows,
-as you draw, the predicted digit, the ten probabilities and the 28x28 image the model saw. Its "A number"
-switch widens the canvas for several digits and shows the reading, each digit's probability under it.
+A small local web app on Python's standard-library HTTP server (three routes and one page need no framework,
+and nothing new to install). The page is static/index.html (plain HTML, CSS and JavaScript, nothing fetched
+from the internet). Routes: GET / (the page), GET /health, POST /predict and POST /read_number (the raw bytes
+of one picture in, JSON out; an error is {"error": "one line"} with a 4xx status): see docs/app.md.
 
-API (JSON out; errors are {"error": "one line"} with a 4xx status):
-    GET  /          the page
-    GET  /health    {"status": "ok", "model": "improved", "checkpoint": "best_model_improved_pt.pth", ...}
-    POST /predict   body: the raw bytes of one picture (PNG, JPEG, BMP, GIF, TIFF, WebP; any Content-Type),
-                    e.g. `curl --data-binary @digit.png http://127.0.0.1:8000/predict`
-                    200 {"prediction": 7, "confidence": 0.98, "probabilities": [10 floats],
-                         "preprocessed": "data:image/png;base64,...",   (the 28x28 the model saw)
-                         "ms": 12.5}                                    (time to read and predict)
-                    422 {"error": "no digit found (...)", "no_digit": true}   a readable picture with no ink
-                    400 not a picture, empty body; 413 body over 5 MB or a picture over 50 megapixels;
-                    411 no Content-Length
-    POST /read_number   the same body: a picture of a number (several digits, one or more lines)
-                    200 {"number": "2026", "confidence": 0.99, "lines": ["2026"],
-                         "digits": [{"digit": "2", "probability": 0.998, "box": [x0, y0, x1, y1]}, ...], "ms": 30.1}
-                    422 {"error": "no digits found", "no_digit": true}; the other errors as for /predict
-
-The model is loaded once, the same way predict.py loads it (checkpoint.load_checkpoint), and every picture
-goes through the same preprocess.image_to_mnist(). Safe by default: it listens on 127.0.0.1 only unless
---host says otherwise. Each request runs in its own thread; a bad one gets its error and nothing else stops.
-Exit code: 0 after Ctrl-C, 2 for bad flags, an unusable checkpoint or an address it cannot listen on.
+The model is loaded once, as predict.py loads it, and every picture goes through preprocess as there. It
+listens on 127.0.0.1 unless --host says otherwise; each request runs in its own thread, and a bad one gets its
+error while the server goes on. Exit code: 0 after Ctrl-C, 2 for bad flags, an unusable checkpoint or an
+address it cannot listen on.
 """
 import base64
 import io
@@ -43,8 +26,8 @@ from PIL import Image, UnidentifiedImageError
 
 import number_judge
 from checkpoint import CheckpointError, load_checkpoint, model_path_or_default
-from common import PROJECT_DIR, OneLineParser
-from preprocess import ImageError, NoDigitError, image_to_mnist, mnist_to_image, read_number
+from common import PROJECT_DIR, OneLineParser, fail
+from preprocess import ImageError, NoDigitError, SeveralDigitsError, image_to_mnist, mnist_to_image, read_number
 
 PAGE = PROJECT_DIR / "static" / "index.html"
 MAX_BODY = 5 * 1024 * 1024   # bytes: a phone photo fits, a flood does not
@@ -54,16 +37,13 @@ REQUEST_TIMEOUT = 30         # seconds a connection may sit idle or trickle a bo
 
 def parse_args(argv=None):
     p = OneLineParser(prog="app.py", description=__doc__.splitlines()[0])
-    p.add_argument("--model_path", default=None,
-                   help="checkpoint to use; default: results/best_model_simple_pt.pth, else the newest "
-                        "results/best_model_*.pth, else the shipped pretrained/best_model_improved_pt.pth")
+    p.add_argument("--model_path", help="checkpoint to use; without it results/best_model_simple_pt.pth, else the "
+                   "newest results/best_model_*.pth, else the shipped pretrained/best_model_improved_pt.pth")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; 0.0.0.0 lets other machines on your network use the page")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port, printed at start)")
-    p.add_argument("--device", default="cpu",
-                   help="cpu, cuda, cuda:N, mps or auto. The rule of every command: those that read a person's "
-                        "pictures default to cpu (a GPU's start-up costs more than a few pictures), those that work "
-                        "through MNIST (train, evaluate, tune, benchmark) to auto")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (one picture at a time: the CPU "
+                   "is plenty)")
     return p
 
 
@@ -76,10 +56,8 @@ class Predictor:
 
     def __init__(self, model_path, device):
         self.model, self.ckpt = load_checkpoint(model_path, device)
-        self.device = device
-        self.path = Path(model_path)
-        self.mean = self.ckpt["normalization"]["mean"]
-        self.std = self.ckpt["normalization"]["std"]
+        self.device, self.path = device, Path(model_path)
+        self.mean, self.std = self.ckpt["normalization"]["mean"], self.ckpt["normalization"]["std"]
         self.judge = number_judge.judge_for(None, device)  # the shipped number judge, when it is there
         self.lock = threading.Lock()  # pictures are prepared in parallel; the forward pass goes one at a time
 
@@ -88,8 +66,28 @@ class Predictor:
         return {"status": "ok", "model": self.ckpt["model"], "checkpoint": self.path.name,
                 "test_accuracy": acc if isinstance(acc, float) else None, "device": str(self.device)}
 
+    def predict(self, body):
+        """Picture bytes -> the /predict answer. Raises ImageError (NoDigitError: no digit; SeveralDigitsError;
+        TooLarge: too many pixels)."""
+        x = image_to_mnist(self.open(body), self.mean, self.std)  # decodes it (big JPEGs at a reduced scale)
+        with self.lock, torch.inference_mode():
+            probs = self.model(x.unsqueeze(0).to(self.device)).float().softmax(1)[0].cpu().tolist()
+        best = max(range(10), key=probs.__getitem__)
+        png = io.BytesIO()
+        mnist_to_image(x, self.mean, self.std).save(png, "PNG")
+        return {"prediction": best, "confidence": round(probs[best], 6), "probabilities": [round(p, 6) for p in probs],
+                "preprocessed": "data:image/png;base64," + base64.b64encode(png.getvalue()).decode("ascii")}
+
+    def read_number(self, body):
+        """Picture bytes -> the /read_number answer (the same errors as predict, but for several digits)."""
+        reading = read_number(self.open(body), self.classify,
+                              judge=self.judge_candidates if self.judge is not None else None)
+        return {"number": reading.number, "confidence": round(reading.confidence, 6), "lines": reading.numbers,
+                "digits": [{"digit": d.digit, "probability": round(d.probability, 6), "box": list(d.box)}
+                           for line in reading.lines for d in line]}
+
     def classify(self, pixels):
-        """preprocess.read_number's classifier: pixels (N, 28, 28) in [0, 1] -> (N, 10) probabilities."""
+        """read_number's classifier: pixels (N, 28, 28) in [0, 1] -> (N, 10) probabilities."""
         x = (torch.from_numpy(pixels) - self.mean) / self.std
         with self.lock, torch.inference_mode():
             return self.model(x.unsqueeze(1).to(self.device)).float().softmax(1).cpu().numpy()
@@ -98,27 +96,6 @@ class Predictor:
         """read_number's judge: the shipped number judge, one forward pass at a time like the classifier."""
         with self.lock:
             return self.judge(pixels, context)
-
-    def read_number(self, body):
-        """Picture bytes -> the /read_number answer (the same errors as predict)."""
-        reading = read_number(self.open(body), self.classify,
-                              judge=self.judge_candidates if self.judge is not None else None)
-        return {"number": reading.number, "confidence": round(reading.confidence, 6), "lines": reading.numbers,
-                "digits": [{"digit": d.digit, "probability": round(d.probability, 6), "box": list(d.box)}
-                           for line in reading.lines for d in line]}
-
-    def predict(self, body):
-        """Picture bytes -> the /predict answer. Raises ImageError (NoDigitError: no ink; TooLarge: too many pixels)."""
-        img = self.open(body)
-        x = image_to_mnist(img, self.mean, self.std)  # decodes it (big JPEGs at a reduced scale, as for files)
-        with self.lock, torch.inference_mode():
-            probs = self.model(x.unsqueeze(0).to(self.device)).float().softmax(1)[0].cpu().tolist()
-        best = max(range(10), key=lambda d: probs[d])
-        png = io.BytesIO()
-        mnist_to_image(x, self.mean, self.std).save(png, "PNG")
-        return {"prediction": best, "confidence": round(probs[best], 6),
-                "probabilities": [round(p, 6) for p in probs],
-                "preprocessed": "data:image/png;base64," + base64.b64encode(png.getvalue()).decode("ascii")}
 
     def open(self, body):
         """Picture bytes -> an opened (not yet decoded) PIL image, refused early when it has too many pixels."""
@@ -131,54 +108,18 @@ class Predictor:
         except (OSError, SyntaxError, ValueError) as err:
             raise ImageError(f"damaged picture ({' '.join(str(err).split())[:120]})") from None
         if img.width * img.height > MAX_PIXELS:
-            raise TooLarge(f"picture of {img.width}x{img.height} pixels: at most {MAX_PIXELS // 1_000_000} "
-                           f"megapixels")
+            raise TooLarge(f"picture of {img.width}x{img.height} pixels: at most {MAX_PIXELS // 1_000_000} megapixels")
         return img
 
 
 class Handler(BaseHTTPRequestHandler):
-    """GET / and /health, POST /predict. Every answer has a Content-Length, so connections can be kept alive."""
+    """The routes. Every answer has a Content-Length, so connections can be kept alive."""
 
     protocol_version = "HTTP/1.1"
     server_version = "mnist-app/1"
     timeout = REQUEST_TIMEOUT
     predictor = None  # set by make_server
     page = b""
-
-    # -- answers ---------------------------------------------------------------------------------------------
-
-    def send_body(self, status, body, content_type, extra=()):
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        for name, value in extra:
-            self.send_header(name, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def send_json(self, status, obj, extra=()):
-        self.send_body(status, json.dumps(obj).encode(), "application/json", extra)
-
-    def send_error_json(self, status, message, extra=(), **more):
-        self.send_json(status, {"error": message, **more}, extra)
-
-    def send_error(self, code, message=None, explain=None):
-        """http.server's own errors (bad request line, headers too long, ...) as JSON too."""
-        self.close_connection = True
-        try:
-            self.send_error_json(code, message or HTTPStatus(code).phrase)
-        except OSError:
-            pass
-
-    def log_message(self, format, *args):
-        sys.stderr.write(f"{self.address_string()} - {format % args}\n")
-
-    # -- routes ----------------------------------------------------------------------------------------------
 
     def do_GET(self):
         path = self.path.split("?", 1)[0]
@@ -190,9 +131,9 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/health":
             self.send_json(200, self.predictor.info())
         elif path in ("/predict", "/read_number"):
-            self.send_error_json(405, "use POST with the picture's bytes as the body", extra=[("Allow", "POST")])
+            self.send_json(405, {"error": "use POST with the picture's bytes as the body"}, [("Allow", "POST")])
         else:
-            self.send_error_json(404, f"no page {path!r}: try / or /health")
+            self.send_json(404, {"error": f"no page {path!r}: try / or /health"})
 
     do_HEAD = do_GET
 
@@ -202,46 +143,42 @@ class Handler(BaseHTTPRequestHandler):
             return
         path = self.path.split("?", 1)[0]
         if path not in ("/predict", "/read_number"):
-            self.send_error_json(405 if path in ("/", "/index.html", "/health") else 404,
-                                 "POST pictures to /predict or /read_number")
+            self.send_json(405 if path in ("/", "/index.html", "/health") else 404,
+                           {"error": "POST pictures to /predict or /read_number"})
             return
         started = time.perf_counter()
         try:
             answer = (self.predictor.predict if path == "/predict" else self.predictor.read_number)(body)
         except NoDigitError as err:
-            self.send_error_json(422, "no digits found" if path == "/read_number" else str(err), no_digit=True)
+            self.send_json(422, {"error": "no digits found" if path == "/read_number" else str(err), "no_digit": True})
+        except SeveralDigitsError as err:
+            self.send_json(422, {"error": f"{err} (to read them as a number, POST the picture to /read_number)",
+                                 "several_digits": True})
         except TooLarge as err:
-            self.send_error_json(413, str(err))
+            self.send_json(413, {"error": str(err)})
         except ImageError as err:
-            self.send_error_json(400, str(err))
+            self.send_json(400, {"error": str(err)})
         except Exception:  # a bug or a picture nobody foresaw: this request gets a 500, the server goes on
             traceback.print_exc()
-            self.send_error_json(500, "internal error while reading this picture: see the server's log")
+            self.send_json(500, {"error": "internal error while reading this picture: see the server's log"})
         else:
-            answer["ms"] = round((time.perf_counter() - started) * 1000, 1)
-            self.send_json(200, answer)
+            self.send_json(200, {**answer, "ms": round((time.perf_counter() - started) * 1000, 1)})
 
     def read_body(self):
         """The request body, or None after answering 400/411/413 (and draining what the client sends)."""
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.close_connection = True
-            self.send_error_json(411, "send the picture with a Content-Length (chunked bodies are not accepted)")
-            return None
         length = self.headers.get("Content-Length")
-        try:
-            length = int(length)
-        except (TypeError, ValueError):
-            length = -1
-        if length < 0:
+        chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+        if chunked or not (length or "").isdigit():  # 411: no length given; 400: a length that is no number
             self.close_connection = True
-            self.send_error_json(411 if self.headers.get("Content-Length") is None else 400,
-                                 "a Content-Length header with the size of the picture is needed")
+            self.send_json(411 if chunked or length is None else 400,
+                           {"error": "send the picture with a Content-Length header (chunked bodies are not accepted)"})
             return None
+        length = int(length)
         if length > MAX_BODY:
             self.refuse_too_large(length)
             return None
         if length == 0:
-            self.send_error_json(400, "empty body: send the bytes of a picture (PNG, JPEG, ...)")
+            self.send_json(400, {"error": "empty body: send the bytes of a picture (PNG, JPEG, ...)"})
             return None
         body = self.rfile.read(length)
         if len(body) < length:  # the client hung up half way
@@ -257,7 +194,7 @@ class Handler(BaseHTTPRequestHandler):
         close', as nginx does), within a few seconds.
         """
         self.close_connection = True
-        self.send_error_json(413, f"picture of {length / 2**20:.1f} MB: at most {MAX_BODY // 2**20} MB")
+        self.send_json(413, {"error": f"picture of {length / 2**20:.1f} MB: at most {MAX_BODY // 2**20} MB"})
         self.wfile.flush()
         deadline, left = time.monotonic() + 5.0, min(length, 8 * MAX_BODY)
         try:
@@ -272,15 +209,34 @@ class Handler(BaseHTTPRequestHandler):
 
     def handle_expect_100(self):
         """`Expect: 100-continue` (curl, for big uploads): refuse an oversized body before it is sent."""
-        try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            length = 0
-        if length > MAX_BODY:
+        length = self.headers.get("Content-Length", "0")
+        if length.isdigit() and int(length) > MAX_BODY:
             self.close_connection = True
-            self.send_error_json(413, f"picture of {length / 2**20:.1f} MB: at most {MAX_BODY // 2**20} MB")
+            self.send_json(413, {"error": f"picture of {int(length) / 2**20:.1f} MB: at most {MAX_BODY // 2**20} MB"})
             return False
         return super().handle_expect_100()
+
+    def send_json(self, status, obj, extra=()):
+        self.send_body(status, json.dumps(obj).encode(), "application/json", extra)
+
+    def send_body(self, status, body, content_type, extra=()):
+        self.send_response(status)
+        for name, value in [("Content-Type", content_type), ("Content-Length", str(len(body))),
+                            ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"), *extra]:
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (bad request line, headers too long, ...) as JSON too."""
+        self.close_connection = True
+        try:
+            self.send_json(code, {"error": message or HTTPStatus(code).phrase})
+        except OSError:
+            pass
 
 
 class Server(ThreadingHTTPServer):
@@ -304,26 +260,21 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be between 0 and 65535, got {args.port}")
-
     device = parser.device(args.device)
     try:
         model_path = model_path_or_default(args.model_path)
         predictor = Predictor(model_path, device)
     except CheckpointError as err:
-        print(f"app.py: error: {err}", file=sys.stderr)
-        return 2
+        fail("app.py", err, 2)
     try:
         server = make_server(predictor, args.host, args.port)
     except OSError as err:
-        print(f"app.py: error: cannot listen on {args.host}:{args.port} ({err.strerror or err}); "
-              f"try another --port", file=sys.stderr)
-        return 2
+        fail("app.py", f"cannot listen on {args.host}:{args.port} ({err.strerror or err}); try another --port", 2)
     host, port = server.server_address[:2]
-    shown = f"[{host}]" if ":" in host else host
     acc = predictor.info()["test_accuracy"]
     print(f"model: {model_path} ({predictor.ckpt['model']}"
           f"{f', test accuracy {acc * 100:.2f}%' if acc is not None else ''}) on {device}", flush=True)
-    print(f"serving on http://{shown}:{port}/  (Ctrl-C to stop)", flush=True)
+    print(f"serving on http://{f'[{host}]' if ':' in host else host}:{port}/  (Ctrl-C to stop)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

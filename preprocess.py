@@ -38,6 +38,13 @@ FIELD = 28           # ... inside a 28x28 field ...
 MASS_CENTRE = 14.0   # ... with the centre of mass on pixel 14
 MIN_STROKE = 0.7     # strokes thinner than this in the 20x20 box (thinner than almost every MNIST digit's) ...
 TARGET_STROKE = 2.0  # ... are thickened to about the MNIST median before resampling
+MIN_SIDE = 10        # ink less than this across (working pixels) is too small to be a digit; MNIST's are 20 tall
+DOT_WIDTH = 0.33     # a mark without a hole whose strokes are this wide against its longest side, filling ...
+DOT_FILL = 0.65      # ... this share of its box, its short side at least ...
+DOT_ROUND = 0.8      # ... this share of its long side, is a dot, not a digit
+DIGIT_GAP = 0.3      # ink split by empty columns this share of its height wide is two digits, when both stand ...
+DIGIT_TALL = 0.5     # ... this share of its height; so is a part this tall on the digit's rows, too far to be ...
+OTHER_MASS = 0.2     # ... one of its pieces, with this share of its ink (these five: docs/predict.md, "Not one digit")
 EIGHT = np.ones((3, 3), bool)  # 8-connectivity: pixels that touch at a corner are one stroke
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm", ".pnm")
 
@@ -47,7 +54,11 @@ class ImageError(ValueError):
 
 
 class NoDigitError(ImageError):
-    """The picture was read, but it holds no ink: a blank page, a flat colour, noise only."""
+    """The picture was read, but it holds no digit: a blank page, a flat colour, noise only, a dot, a speck."""
+
+
+class SeveralDigitsError(ImageError):
+    """The picture holds several digits side by side (a number: read_number reads it), not one."""
 
 
 def open_image(source):
@@ -77,6 +88,8 @@ def open_image(source):
         raise ImageError("cannot be read (permission denied)") from None
     except UnidentifiedImageError:
         raise ImageError("not an image file Pillow can read") from None
+    except Image.DecompressionBombError as err:  # refused at open, from its header alone
+        raise ImageError(f"too large to decode safely ({first_line(err, 160)})") from None
     except OSError as err:
         raise ImageError(f"cannot be opened ({err.strerror or first_line(err, 160)})") from None
     with opened:
@@ -273,7 +286,7 @@ def _digit_region(ink, strong):
 
     Specks of dust, JPEG blocks and a stray mark far from the digit are left out, so they neither stretch the
     bounding box nor pull the centre of mass; so are edge-like parts (see _parts). Returns a boolean mask, or
-    None when there is no ink.
+    None when there is no ink; raises SeveralDigitsError when a part left out is as big as a digit, beside it.
     """
     labels, ids, mass, (y0, y1, x0, x1), edge = _parts(strong, ink)
     if ids.size == 0:
@@ -297,6 +310,10 @@ def _digit_region(ink, strong):
             box = [min(box[0], y0[add].min()), max(box[1], y1[add].max()),
                    min(box[2], x0[add].min()), max(box[3], x1[add].max())]
             changed = True
+    h, height = y1 - y0 + 1, box[1] - box[0] + 1
+    beside = np.minimum(y1, box[1]) - np.maximum(y0, box[0]) + 1 >= 0.5 * np.minimum(h, height)  # the same rows
+    if (~kept & beside & (h >= DIGIT_TALL * height) & (mass >= OTHER_MASS * mass[kept].sum())).any():
+        raise SeveralDigitsError("several digits side by side, not one")
     return np.isin(labels, ids[kept])
 
 
@@ -369,6 +386,26 @@ def _cut_digit(plane, found):
     return np.clip((crop - 3.0 * noise) / max(level - 3.0 * noise, 1e-6), 0.0, 1.0).astype(np.float32)
 
 
+def _one_digit(crop):
+    """The cut-out digit (see _cut_digit), unless its ink is no single digit: too small, a dot, or digits with
+    a wide gap between them. Raises NoDigitError with the reason, or SeveralDigitsError."""
+    ink = crop > 0.5
+    rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
+    if rows.size == 0:
+        return crop  # faint ink only: fit_and_centre decides
+    h, w = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+    side = max(h, w)
+    if side < MIN_SIDE:
+        raise NoDigitError("no digit found (the mark found is too small to be a digit)")
+    if (_stroke_width(ink) >= DOT_WIDTH * side and ink.sum() >= DOT_FILL * h * w and min(h, w) >= DOT_ROUND * side
+            and not (ndimage.binary_fill_holes(ink) & ~ink).any()):
+        raise NoDigitError("no digit found (a dot: too round and solid to be a digit)")
+    columns = np.split(cols, np.flatnonzero(np.diff(cols) - 1 >= DIGIT_GAP * h) + 1)
+    if sum(np.ptp(np.flatnonzero(ink[:, c[0]:c[-1] + 1].any(1))) + 1 >= DIGIT_TALL * h for c in columns) > 1:
+        raise SeveralDigitsError("several digits side by side, not one")
+    return crop
+
+
 def _stroke_width(binary):
     """Mean stroke width in pixels of a boolean image: area / half the perimeter (a long stroke: L*w / L).
 
@@ -438,18 +475,18 @@ def fit_and_centre(crop):
 def image_to_mnist_pixels(source):
     """A user's picture -> a 28x28 float32 numpy array in [0, 1], white digit on black, as MNIST looks.
 
-    source: a path, a PIL image or a numpy array. Raises ImageError (one line) for unreadable input and
-    NoDigitError when the picture holds no ink.
+    source: a path, a PIL image or a numpy array. Raises ImageError (one line) for unreadable input,
+    NoDigitError when the picture holds no digit and SeveralDigitsError when it holds several side by side.
     """
     plane, ink_is_alpha = _grey_plane(open_image(source))
-    return fit_and_centre(_cut_digit(plane, _find_digit(plane, ink_is_alpha)))
+    return fit_and_centre(_one_digit(_cut_digit(plane, _find_digit(plane, ink_is_alpha))))
 
 
 def image_to_mnist(source, mean=MNIST_MEAN, std=MNIST_STD):
     """A user's picture -> a normalised float tensor (1, 28, 28), ready for a model trained on MNIST.
 
     Pass the checkpoint's normalization mean and std (ckpt["normalization"]); the defaults are MNIST's.
-    Raises ImageError (one line) for unreadable input and NoDigitError when the picture holds no ink.
+    Raises ImageError (one line): see image_to_mnist_pixels.
     """
     pixels = torch.from_numpy(image_to_mnist_pixels(source))
     return ((pixels - mean) / std).unsqueeze(0)

@@ -4,8 +4,10 @@ import json
 import os
 import re
 import shlex
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ import make_user_images as mk  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PRETRAINED = ROOT / "pretrained" / "best_model_improved_pt.pth"
+EXAMPLES = ROOT / "examples"
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +166,8 @@ def test_pictures_as_people_send_them(mnist_test, pretrained, tmp_path):
     """A small set of each kind, made from MNIST test digits: plain resizing is near chance, ours is not."""
     made = mk.make_set(tmp_path, *mnist_test, kinds=mk.KINDS, per_kind=30, seed=1)
     results = mk.accuracy_by_kind(made, PRETRAINED)
+    for path, _, _ in made:  # none is taken for a dot, a speck or several digits
+        preprocess.image_to_mnist_pixels(path)
     for kind, (ours, naive, n) in results.items():
         assert ours >= 0.9, f"{kind}: {ours:.0%} of {n} right"
         if kind != "mnist28":
@@ -246,6 +251,63 @@ def test_blank_picture_says_no_digit_found(small_checkpoint, capsys, tmp_path):
     code, out, err = run(["--image_path", blank, "--model_path", small_checkpoint], capsys)
     assert code == 1 and out == []
     assert err[0].startswith(f"{blank}: no digit found")
+
+
+def too_many_pixels(path):
+    """A PNG that declares 30,000 x 30,000 pixels in a few dozen bytes: Pillow refuses it as it opens it."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("number", [False, True], ids=["digit", "number"])
+def test_a_picture_over_pillows_pixel_limit_is_one_line_and_the_rest_is_read(number, capsys, tmp_path):
+    bomb, good = too_many_pixels(tmp_path / "bomb.png"), [EXAMPLES / "photo_7.jpg", EXAMPLES / "scan_2.jpg"]
+    code, out, err = run(["--image_path", good[0], bomb, good[1], "--model_path", PRETRAINED]
+                         + (["--number"] if number else []), capsys)
+    assert code == 1
+    assert [line.split(" (")[0] for line in out] == [f"{good[0]}: 7", f"{good[1]}: 2"]
+    about = [line for line in err if line.startswith(f"{bomb}: ")]
+    assert len(about) == 1 and "too large" in about[0], err
+    assert err[-1].startswith("predict.py: 1 of 3 picture(s)")
+
+
+def a_dot(path, radius, size=200):
+    """A round blot of dark ink on white paper, off the centre: no digit."""
+    yy, xx = np.mgrid[:size, :size]
+    ink = (yy - 0.4 * size) ** 2 + (xx - 0.55 * size) ** 2 <= radius ** 2
+    Image.fromarray(np.where(ink, 25, 245).astype(np.uint8), "L").save(path)
+    return path
+
+
+def four_digits(mnist_test, path):
+    """2026 written with MNIST test digits, a third to a half of their height apart, on paper."""
+    images, labels = mnist_test
+    digits = [images[int(np.flatnonzero(labels == d)[0])] for d in (2, 0, 2, 6)]
+    cover = np.pad(mk.number_strip(digits, 60, [0.5, 0.35, 0.45], np.random.default_rng(0)), 30)
+    paper = mk._paper(*cover.shape, np.random.default_rng(1))
+    Image.fromarray(mk._compose(paper, cover, [30, 30, 60]), "RGB").save(path)
+    return path
+
+
+def test_a_dot_a_speck_and_several_digits_are_said_so(mnist_test, capsys, tmp_path):
+    """Not read as a confident 0 (a dot) or as the first digit of a number: each says why, and where to go."""
+    dot, speck = a_dot(tmp_path / "dot.png", 12), a_dot(tmp_path / "speck.png", 3)
+    number = four_digits(mnist_test, tmp_path / "2026.png")
+    code, out, err = run(["--image_path", dot, speck, number, EXAMPLES / "pen_8.png", "--model_path", PRETRAINED],
+                         capsys)
+    assert code == 1 and [line.split(" (")[0] for line in out] == [f"{EXAMPLES / 'pen_8.png'}: 8"]
+    assert f"{dot}: no digit found (a dot: too round and solid to be a digit)" in err
+    assert f"{speck}: no digit found (the mark found is too small to be a digit)" in err
+    assert f"{number}: several digits side by side, not one (to read them as a number, add --number)" in err
+    code, out, _ = run(["--image_path", dot, number, "--json", "--model_path", PRETRAINED], capsys)
+    rows = [json.loads(line) for line in out]
+    assert [r["prediction"] for r in rows] == [None, None] and "dot" in rows[0]["error"]
+    assert "--number" in rows[1]["error"]
+    code, out, _ = run(["--image_path", number, "--number", "--model_path", PRETRAINED], capsys)
+    assert code == 0 and out[0].startswith(f"{number}: 2026 ("), out
 
 
 def test_json_lines(pictures, small_checkpoint, capsys, tmp_path):
@@ -354,7 +416,6 @@ def test_command_line_from_another_folder(pictures, tmp_path, python):
 # The shipped example pictures, and what a newcomer is told
 # ---------------------------------------------------------------------------------------------------------
 
-EXAMPLES = ROOT / "examples"
 
 
 def test_examples_are_read_right_by_the_shipped_model(capsys):

@@ -228,7 +228,10 @@ OVERSIZED_PROBE = textwrap.dedent("""
     import predict
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
-    code = predict.main(["--image_path", "digit.png", "--model_path", sys.argv[2]])
+    try:
+        code = predict.main(["--image_path", "digit.png", "--model_path", sys.argv[2]])
+    except SystemExit as stop:  # the one-line refusal exits with its code
+        code = stop.code
     seconds = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"code": code, "seconds": seconds, "rss_growth_mb": (after - before) / 1024}))

@@ -8,7 +8,7 @@ import os
 import sys
 import secrets
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 PROJECT_DIR = Path(__file__).resolve().parent
@@ -141,13 +141,9 @@ def device_label(device):
 
 
 def memory_format(device):
-    """The layout of the images and weights a model trains on: channels_last, except on Apple's MPS.
-
-    channels_last is what cuDNN's and oneDNN's fastest convolutions want. On MPS, BatchNorm2d's backward with a
-    channels_last input gives wrong gradients in torch releases before the fix of April 2026 (pytorch/pytorch
-    issue 175189, fixed by PR 181411; MaxPool2d had a similar bug, 175190), so batch-norm models diverge there;
-    the standard layout costs nothing measurable on MPS.
-    """
+    """The layout of the images and weights a model trains on: channels_last, what cuDNN's and oneDNN's fastest
+    convolutions want, except on Apple's MPS, where BatchNorm2d's backward with it gives wrong gradients in
+    older torch releases (pytorch/pytorch issue 175189; docs/train.md)."""
     import torch
     return torch.contiguous_format if torch.device(device).type == "mps" else torch.channels_last
 
@@ -245,9 +241,6 @@ def _fsync_dir(folder):
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
         return
-    try:
+    with suppress(OSError):
         os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    os.close(fd)

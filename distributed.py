@@ -26,10 +26,6 @@ def add_args(parser):
                        help="seconds a process waits for the others before giving up with an error")
 
 
-def check_args(parser, args):
-    pass
-
-
 class Dist:
     """Where this process stands: rank `rank` of `world`; `enabled` when it is part of a torchrun process group."""
 

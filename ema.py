@@ -17,10 +17,6 @@ def add_args(parser):
                             "e.g. 0.999; 0: off); each epoch the better of the two on validation is kept")
 
 
-def check_args(parser, args):
-    pass
-
-
 def make(model, decay):
     """The average of `model` (None when decay is 0): a copy whose weights and buffers follow the model's,
     starting from the first step's."""

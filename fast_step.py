@@ -1,24 +1,14 @@
 """What makes the training step fast on a GPU: the whole step captured once as a CUDA graph and replayed.
 
-Read train_pytorch.py first: its train_step() (forward, loss, backward, optimiser step) is the step, and its
-epoch loop is the plain way to run it, used on the CPU, on Apple's MPS and under torchrun. On one CUDA GPU the
-plain loop leaves the GPU waiting on Python between small kernels, so train_pytorch switches this module on
-with one call, enable(), and FastStep runs the same train_step with everything around it moved onto the device.
-This module also owns the flags of a GPU run (--amp, --compile, --cuda_graphs, --deterministic) and the
-decisions made once for the device (precision()). FastStep:
-
-- the batch is picked by a step counter that lives on the device (TrainBatches.batch takes a device index);
-- the learning rate is a 0-dim tensor that the step copies from LearningRates' device table by that counter,
-  instead of a Python float a scheduler writes into the optimiser between steps;
-- the running loss and accuracy are summed on the device, never read back inside the epoch;
-- with --ema, the moving average of the weights is updated on the device too (DeviceEMA).
-
-Then nothing in a step needs the host, so one step can be captured as a CUDA graph and every later step is one
-graph replay. warm_up() takes a few real steps before the clock starts (cuDNN autotuning, lazy initialisation,
-torch.compile), captures the graph, and puts every weight, optimiser moment, counter and random state back, so
-the run is the run it would have been without the warm-up. The contract with the plain loop is tested in
-tests/test_train.py: FastStep trains as train_pytorch's loop does, and replayed as a graph as it does eagerly.
-If CUDA refuses to capture the step, the command starts again with the plain loop (rerun_without_graph).
+Read train_pytorch.py first: its train_step() is the step, and its epoch loop the plain way to run it (CPU, MPS,
+torchrun). On one CUDA GPU the plain loop leaves the GPU waiting on Python between small kernels, so
+train_pytorch calls enable(), and FastStep runs the same train_step with everything around it on the device:
+the batch picked by a step counter on the device, the learning rate copied from LearningRates' table into a
+0-dim tensor, the running sums kept there, and with --ema the average updated there too (DeviceEMA). Nothing in
+a step needs the host, so it is captured as a CUDA graph and every later step is one replay. warm_up() takes a
+few real steps before the clock starts and puts everything back. tests/test_train.py holds FastStep to the plain
+loop, and the graph to the eager step. This module also owns a GPU run's flags and the decisions made once for
+the device (precision()); if CUDA refuses the capture, the command starts again with the plain loop.
 """
 import argparse
 import itertools
@@ -117,17 +107,11 @@ class LearningRates:
 
 
 class DeviceEMA:
-    """The update of train_pytorch's AveragedModel(model, get_ema_multi_avg_fn(decay), use_buffers=True), with
-    nothing read back to the host, into that AveragedModel's own tensors (so checkpoints and --resume are the
-    same whichever path trained).
-
-    AveragedModel.update_parameters asks the host `if n_averaged == 0` (the first update copies the model, the
-    later ones average): a device value read back at every step, and a captured graph would replay whichever
-    branch it saw at capture. Here the branch is a number on the device instead: one torch._foreach_lerp_ over
-    the weight and buffer lists, by 1 on the first update (PyTorch's lerp returns the end point exactly at 1)
-    and by 1 - decay after, chosen with torch.where on the average's own n_averaged, moved to the device. The
-    integer buffers (batch norm's num_batches_tracked) get AveragedModel's own formula for them.
-    """
+    """ema.py's AveragedModel update, with nothing read back to the host, into that AveragedModel's own tensors
+    (so checkpoints and --resume are the same whichever path trained). AveragedModel.update_parameters asks the
+    host `if n_averaged == 0` (the first update copies), which a captured graph would replay as it saw it; here
+    the branch is a number on the device: one lerp over the weights and buffers, by 1 on the first update (lerp
+    returns the end point exactly at 1) and by 1 - decay after. Integer buffers get AveragedModel's formula."""
 
     def __init__(self, averaged, model, decay):
         device = next(model.parameters()).device

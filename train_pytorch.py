@@ -75,7 +75,7 @@ def settings(argv=None):
     args = parser.parse_args(argv)
     args.device = str(parser.device(args.device))
     args.save_dir = str(parser.output_dir(args.save_dir))
-    for extra in EXTRAS:
+    for extra in (resume, fast_step):  # the extras with flags to check against each other
         extra.check_args(parser, args)
     return args
 

@@ -20,7 +20,7 @@ from data_loader import NORMALIZATION
 # Settings that define a run: a resumed run takes them from its file, so it ends as it would have.
 RUN_SETTINGS = ("model", "epochs", "batch_size", "learning_rate", "max_lr", "optimizer", "scheduler", "patience",
                 "weight_decay", "seed", "val_size", "augment", "label_smoothing", "train_subset", "dropout",
-                "lr_scaling", "deterministic", "ema")
+                "lr_scaling", "deterministic", "ema", "writers")
 # How this run's optimiser was built for its device (fused kernels, capturable for a CUDA graph): a state saved
 # on another device or path must not bring its own, or a resumed GPU run would lose its graph.
 IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")

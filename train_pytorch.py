@@ -22,6 +22,7 @@ import distributed
 import ema
 import fast_step
 import resume
+import writers
 from checkpoint import CheckpointError, atomic_save, make_checkpoint
 from cnn_pytorch import MODELS, build_model
 from common import (PROJECT_DIR, OneLineParser, at_least, device_label, fail, fraction, memory_format, positive,
@@ -33,7 +34,7 @@ from common import (PROJECT_DIR, OneLineParser, at_least, device_label, fail, fr
 PRESETS = {"fast": {"model": "tiny", "epochs": 1, "max_lr": 0.01, "augment": "none"},
            "accurate": {"model": "improved", "epochs": 20, "augment": "strong", "patience": 0}}
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop}
-EXTRAS = (resume, ema, distributed, fast_step)  # the modules that own flags beside the everyday ones
+EXTRAS = (writers, resume, ema, distributed, fast_step)  # the modules that own flags beside the everyday ones
 
 
 def parse_args():
@@ -83,11 +84,9 @@ def settings(argv=None):
 # ---------------------------------------------------------------------------------- the step and the loop
 
 def train_step(model, optimizer, x, y, ctx, label_smoothing):
-    """One optimiser step on the batch (x, y): forward, loss, backward, update.
-
-    Returns the loss and the logits, detached and still on the device: reading them back here (loss.item())
-    would make a GPU wait for Python at every step, so the epoch sums them on the device instead.
-    """
+    """One optimiser step on the batch (x, y): forward, loss, backward, update. Returns the loss and the logits,
+    detached and still on the device: reading them back here (loss.item()) would make a GPU wait for Python at
+    every step, so the epoch sums them on the device instead."""
     with ctx:  # bf16 autocast on CUDA, nothing elsewhere (fast_step.precision)
         logits = model(x)
         loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
@@ -125,13 +124,12 @@ def train_epoch(run, epoch, steps=None):
 
 
 def main(argv=None, on_epoch=None):
-    """The command. on_epoch(row), if given, is called after each epoch's validation with its history row
-    (tune.py prunes trials with it); an exception it raises ends the run, the epoch's files already written."""
+    """The command. on_epoch(row) sees each epoch's history row after validation (tune.py prunes trials with it)."""
     args = settings(argv)
     with distributed.process_group(args) as dist:
         try:
             run = set_up(args, dist)
-        except (data_loader.DataError, CheckpointError, ValueError) as err:
+        except (data_loader.DataError, writers.WritersError, CheckpointError, ValueError) as err:
             fail("train_pytorch.py", err, 2)
         if args.dry_run:  # one batch through each split: the set-up works, in seconds
             losses = [train_epoch(run, 1, steps=1)[0]] + [evaluate(run.model, *split, run.ctx, dist, max_batches=1)[0]
@@ -183,6 +181,7 @@ def set_up(args, dist):
     torch.manual_seed(args.seed)
     shuffle = torch.Generator().manual_seed(args.seed)  # the same on every rank: each takes its own share
     splits = data_loader.get_splits(args.data_dir, args.val_size, args.seed, device, args.train_subset)
+    splits = writers.mix(splits, args.writers, args.seed)  # --writers: other writers' digits beside MNIST's
     batches = data_loader.TrainBatches(*splits["train"], args.batch_size, args.augment, shuffle, dist.rank,
                                        dist.world, layout)
     data_seconds = time.perf_counter() - wall_start

@@ -50,7 +50,7 @@ SHELL_OPERATORS = {"&", "&&", ";", "|", "||"}
 PAGE_COMMAND = {"app.md": "app.py", "benchmark.md": "benchmark.py", "demo.md": "demo.py",
                 "evaluate.md": "evaluate.py", "export.md": "export.py", "gpu.md": ".ci/gpu_check",
                 "numbers.md": "--number", "predict.md": "predict.py", "torchrun.md": "torch.distributed.run",
-                "train.md": "train_pytorch.py", "tune.md": "tune.py"}
+                "train.md": "train_pytorch.py", "tune.md": "tune.py", "writers.md": "make_world_shapes.py"}
 SKIPPED = {
     "pip install": "installs packages; the test uses the environment it runs in",
     "python -m pytest": "the test suite itself, which this test is part of",

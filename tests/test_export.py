@@ -255,3 +255,16 @@ def test_predict_runs_an_exported_onnx_model_like_the_checkpoint(exported, small
                       "improved"])
     assert refused.value.code == 2
     assert "not 'improved'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("n_images, wrong, passes", [(10_000, 10, True), (10_000, 11, False), (500, 1, True),
+                                                     (500, 2, False)])
+def test_int8_accuracy_limit_is_0_1_points_or_one_image_on_small_checks(tmp_path, n_images, wrong, passes):
+    """0.1 points of the PyTorch model's accuracy; on fewer than 1,000 images one image (--eval_images 500: a
+    single changed prediction is 0.2 points, which a correct int8 file can give)."""
+    row = dict(max_diff=0.0, same_predictions=n_images)
+    rows = [dict(row, key="pytorch", path=tmp_path / "m.pth", accuracy=0.99),
+            dict(row, key="onnx", path=tmp_path / "m.onnx", accuracy=0.99, size=100),
+            dict(row, key="int8", path=tmp_path / "m_int8.onnx", accuracy=0.99 - wrong / n_images, size=25)]
+    accuracy_check = export.verify(rows, n_images)[-1]
+    assert accuracy_check[0] is passes, accuracy_check[1]

@@ -252,12 +252,15 @@ def other_writers(count=None):
     """
     from sklearn.datasets import load_digits
     images, labels = load_digits(return_X_y=True)
-    made = []
-    for row, label in list(zip(images, labels))[:count]:
-        small = Image.fromarray((row.reshape(8, 8) * 255 / 16).astype(np.uint8), "L")
-        ink = np.asarray(small.resize((80, 80), Image.Resampling.BICUBIC))
-        made.append((Image.fromarray(255 - ink, "L"), int(label), "other_writers"))
-    return made
+    return [(grid_picture(row.reshape(8, 8)), int(label), "other_writers")
+            for row, label in list(zip(images, labels))[:count]]
+
+
+def grid_picture(grid):
+    """An 8x8 grid of ink counts 0-16 (a UCI digit, or tests/score_writers.py's coarse scan) as a picture: dark
+    ink on white at 80x80, upscaled bicubic, so blurred."""
+    small = Image.fromarray((grid * 255 / 16).astype(np.uint8), "L")
+    return Image.fromarray(255 - np.asarray(small.resize((80, 80), Image.Resampling.BICUBIC)), "L")
 
 
 # ---- numbers: several digits in one picture ------------------------------------------------------------------

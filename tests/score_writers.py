@@ -5,9 +5,9 @@
   world, control     tests/make_world_shapes.py's validation split, read like user pictures, with each world shape
   coarse_scan        every validation digit above (MNIST and writers) scanned coarsely the way the UCI optical
                      digits were made (a 32x32 bitmap counted in 4x4 blocks to an 8x8 grid of 0-16, Alpaydin and
-                     Kaynak's recipe), then shown as tests/make_user_images.py shows UCI digits (8x8 -> 80x80
-                     bicubic, dark on white) and read through preprocess: a stand-in for low-resolution scans
-                     made without the UCI digits themselves, which are only ever scored, at the end
+                     Kaynak's recipe), then shown as tests/make_user_images.py shows UCI digits (grid_picture:
+                     8x8 -> 80x80 bicubic, dark on white) and read through preprocess: a stand-in for
+                     low-resolution scans made without the UCI digits themselves, which are only ever scored, at the end
 
 Never the UCI digits, never MNIST's test split: this is what choosing is done on.
 
@@ -27,6 +27,7 @@ import data_loader  # noqa: E402
 import preprocess  # noqa: E402
 import writers  # noqa: E402
 from checkpoint import load_checkpoint  # noqa: E402
+from make_user_images import grid_picture  # noqa: E402
 from make_world_shapes import make_set  # noqa: E402
 
 
@@ -58,9 +59,8 @@ def build():
     sets = {"mnist_val": (val_x.float() / 255, val_y.numpy(), np.full(len(val_y), "mnist")),
             "writers_val": (wx.float() / 255, wy.numpy(), np.asarray(source))}
     digits = np.concatenate([val_x.numpy(), wx.numpy()])
-    scans = [Image.fromarray(255 - np.asarray(Image.fromarray((coarse_scan(d) * 255 // 16).astype(np.uint8))
-                                              .resize((80, 80), Image.Resampling.BICUBIC)), "L") for d in digits]
-    sets["coarse_scan"] = (torch.stack([as_read(s) for s in scans]), np.concatenate([val_y, wy]),
+    sets["coarse_scan"] = (torch.stack([as_read(grid_picture(coarse_scan(d))) for d in digits]),
+                           np.concatenate([val_y, wy]),
                            np.concatenate([sets["mnist_val"][2], sets["writers_val"][2]]))
     with tempfile.TemporaryDirectory() as out:
         made = make_set(out, "val", per_shape=60)

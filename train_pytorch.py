@@ -124,7 +124,8 @@ def train_epoch(run, epoch, steps=None):
 
 
 def main(argv=None, on_epoch=None):
-    """The command. on_epoch(row) sees each epoch's history row after validation (tune.py prunes trials with it)."""
+    """The command. on_epoch(row) sees each epoch's history row after validation; an exception it raises ends
+    the run with the epoch's files written (tune.py prunes trials so)."""
     args = settings(argv)
     with distributed.process_group(args) as dist:
         try:

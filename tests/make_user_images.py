@@ -278,6 +278,10 @@ def grid_picture(grid):
 # digits (split="train", another seed) for the development set the reader's thresholds were chosen on.
 
 NUMBER_KINDS = ("spaced_paper_jpeg", "spaced_paper_png", "spaced_canvas", "long", "touching", "uci")
+# ... and a shifted set, each kind outside the ranges number_reader.py's synthetic lines are drawn from (gaps
+# -0.3 to 1.0 of the height, slant up to 0.3, MNIST's pen thickened or thinned by a pixel at 20 px): a reader
+# tuned to its own generator shows it here. On paper, 2-6 digits.
+SHIFTED_KINDS = ("shifted_gaps", "shifted_slant", "shifted_pen")
 NUMBER_LENGTHS = {"long": (7, 10)}  # digits per number; the rest: 2-6
 
 
@@ -292,13 +296,15 @@ def _uci_as_mnist():
     return out, labels
 
 
-def number_strip(digits, height, gaps, rng):
+def number_strip(digits, height, gaps, rng, pen=None):
     """Ink coverage of digits (28x28 uint8 each) written in a row: heights +-10% around `height`, a wavy
-    baseline, and gaps[i] (a share of the height; negative overlaps) between the ink of neighbours."""
+    baseline, and gaps[i] (a share of the height; negative overlaps) between the ink of neighbours. pen: a
+    function that redraws each digit's cover (another pen)."""
     pieces = []
     for digit in digits:
         h = max(8, int(height * rng.uniform(0.9, 1.1)))
         cover = _upscale(digit, h, rng)
+        cover = cover if pen is None else pen(cover)
         cols = np.nonzero(cover.max(0) > 0.05)[0]
         pieces.append(cover[:, cols[0]:cols[-1] + 1] if cols.size else cover)
     wave, phase = rng.uniform(0, 0.08) * height, rng.uniform(0, 2 * np.pi)
@@ -322,10 +328,25 @@ def make_number(kind, digits, rng):
     n = len(digits)
     if kind == "touching":
         gaps = rng.uniform(-0.1, -0.01, n - 1)
+    elif kind == "shifted_gaps":  # wider than any training line's (overlapping deeper made digits no one reads)
+        gaps = rng.uniform(1.2, 2.5, n - 1)
     else:
         gaps = rng.uniform(0.08, 0.6, n - 1)
     height = int(rng.integers(40, 100)) if kind != "long" else int(rng.integers(36, 70))
-    strip = number_strip(digits, height, gaps, rng)
+    pen = None
+    if kind == "shifted_pen":  # a 1-pixel hairline, or a marker a seventh of the digit's height wide
+        thick = max(3, height // 7)
+        pen = ((lambda c: thin(c > 0.5).astype(np.float32)) if rng.random() < 0.5 else
+               (lambda c: np.asarray(Image.fromarray((c * 255).astype(np.uint8)).filter(
+                   ImageFilter.MaxFilter(thick | 1)), np.float32) / 255))
+    strip = number_strip(digits, height, gaps, rng, pen)
+    if kind == "shifted_slant":  # slanted 22-31 degrees either way (tan 0.4-0.6)
+        shear = rng.uniform(0.4, 0.6) * rng.choice([-1, 1])
+        h, w = strip.shape
+        extra = int(abs(shear) * h) + 2
+        img = Image.fromarray(np.pad(strip, ((0, 0), (extra, extra))), "F")
+        strip = np.asarray(img.transform(img.size, Image.Transform.AFFINE, (1, shear, -shear * h / 2, 0, 1, 0),
+                                         Image.Resampling.BILINEAR), np.float32)
     mh, mw = int(rng.uniform(0.3, 1.5) * height), int(rng.uniform(0.3, 1.5) * height)
     if kind == "spaced_canvas":
         mh, mw = mh + int(rng.integers(0, 200)), mw + int(rng.integers(0, 200))
@@ -438,8 +459,11 @@ def main(argv=None):
     p.add_argument("--model_path", default=str(root / "pretrained" / "best_model_improved_pt.pth"),
                    help="checkpoint to score (default: the shipped pretrained model)")
     p.add_argument("--numbers", metavar="DIR", default=None,
-                   help="instead: write --per_kind pictures of numbers of each kind in NUMBER_KINDS into DIR/<kind>/ "
+                   help="instead: write --per_kind pictures of numbers of each kind in NUMBER_KINDS (and "
+                        "SHIFTED_KINDS with --shifted) into DIR/<kind>/ "
                         "(score them with evaluate_numbers.py); --split train makes the development set")
+    p.add_argument("--shifted", action="store_true",
+                   help="with --numbers: the shifted kinds (SHIFTED_KINDS) instead of the usual ones")
     p.add_argument("--split", choices=("test", "train", "val"), default="test",
                    help="the MNIST digits to build pictures from: test (the figures we report), train (the "
                         "reader's development set) or val (the 5,000 validation digits of seed 0, held out from "
@@ -464,7 +488,8 @@ def main(argv=None):
             number_photo([x[i].numpy() for i in idx], rng).save(path, quality=90)
             print(f"wrote {path}")
             return 0
-        made = make_number_set(args.numbers, x.numpy(), y.numpy(), NUMBER_KINDS, args.per_kind, args.seed)
+        kinds = SHIFTED_KINDS if args.shifted else NUMBER_KINDS
+        made = make_number_set(args.numbers, x.numpy(), y.numpy(), kinds, args.per_kind, args.seed)
         print(f"wrote {len(made)} pictures of numbers into {args.numbers}")
         return 0
     if args.examples:

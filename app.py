@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-import number_judge
+import number_reader
 from checkpoint import CheckpointError, load_checkpoint, model_path_or_default
 from common import PROJECT_DIR, OneLineParser, fail
-from preprocess import ImageError, NoDigitError, SeveralDigitsError, image_to_mnist, mnist_to_image, read_number
+from preprocess import ImageError, NoDigitError, SeveralDigitsError, image_to_mnist, mnist_to_image
 
 PAGE = PROJECT_DIR / "static" / "index.html"
 MAX_BODY = 5 * 1024 * 1024   # bytes: a phone photo fits, a flood does not
@@ -58,7 +58,7 @@ class Predictor:
         self.model, self.ckpt = load_checkpoint(model_path, device)
         self.device, self.path = device, Path(model_path)
         self.mean, self.std = self.ckpt["normalization"]["mean"], self.ckpt["normalization"]["std"]
-        self.judge = number_judge.judge_for(None, device)  # the shipped number judge, when it is there
+        self.reader = number_reader.load_reader()  # the shipped number reader, on the CPU (a line is small)
         self.lock = threading.Lock()  # pictures are prepared in parallel; the forward pass goes one at a time
 
     def info(self):
@@ -80,22 +80,18 @@ class Predictor:
 
     def read_number(self, body):
         """Picture bytes -> the /read_number answer (the same errors as predict, but for several digits)."""
-        reading = read_number(self.open(body), self.classify,
-                              judge=self.judge_candidates if self.judge is not None else None)
+        picture = self.open(body)
+        with self.lock:  # one read at a time, as one forward pass at a time for digits
+            reading = number_reader.read_number(picture, self.reader, classify=self.classify)
         return {"number": reading.number, "confidence": round(reading.confidence, 6), "lines": reading.numbers,
                 "digits": [{"digit": d.digit, "probability": round(d.probability, 6), "box": list(d.box)}
                            for line in reading.lines for d in line]}
 
     def classify(self, pixels):
-        """read_number's classifier: pixels (N, 28, 28) in [0, 1] -> (N, 10) probabilities."""
+        """The digit CNN for read_number (called under the lock): pixels (N, 28, 28) in [0, 1] -> probabilities."""
         x = (torch.from_numpy(pixels) - self.mean) / self.std
-        with self.lock, torch.inference_mode():
+        with torch.inference_mode():
             return self.model(x.unsqueeze(1).to(self.device)).float().softmax(1).cpu().numpy()
-
-    def judge_candidates(self, pixels, context):
-        """read_number's judge: the shipped number judge, one forward pass at a time like the classifier."""
-        with self.lock:
-            return self.judge(pixels, context)
 
     def open(self, body):
         """Picture bytes -> an opened (not yet decoded) PIL image, refused early when it has too many pixels."""

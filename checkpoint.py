@@ -31,8 +31,7 @@ MODEL_ARG_RULES = {
     "hidden": (int, 1, 4096),
     "dropout": (float, 0.0, 1.0),       # [0, 1): nn.Dropout(1.0) would zero every activation
     "conv_dropout": (float, 0.0, 1.0),
-    "num_classes": (int, 10, 11),       # the ten digits; number_judge.py's judge adds "not one digit"
-    "in_channels": (int, 1, 2),         # a grey picture; the judge also sees the ink around a candidate
+    "num_classes": (int, 10, 10),       # the ten digits
 }
 _NUMBER_INFO = ("val_accuracy", "test_accuracy", "test_loss", "training_seconds", "epoch", "epochs_run")
 
@@ -166,19 +165,15 @@ def _check_weights(path, name, model_args, state_dict):
                                 f"diverged)")
 
 
-def _check_info(path, ckpt, classes, in_channels):
+def _check_info(path, ckpt):
     """What the commands read besides the weights: the normalisation, the classes and the numbers they print."""
     norm = ckpt.get("normalization")
     if not (isinstance(norm, dict) and _is_number(norm.get("mean")) and _is_number(norm.get("std"))
             and norm["std"] > 0):
         raise _refuse(path, f"its normalization {_show(norm)} is not {{'mean': number, 'std': positive number}}")
     found = ckpt.get("classes")
-    if not (isinstance(found, list) and len(found) == len(classes) and all(isinstance(c, str) for c in found)):
-        raise _refuse(path, f"its classes {_show(found)} are not a list of {len(classes)} names")
-    outputs, inputs = ckpt["model_args"].get("num_classes", len(CLASSES)), ckpt["model_args"].get("in_channels", 1)
-    if outputs != len(classes) or inputs != in_channels:
-        raise _refuse(path, f"its model has {outputs} outputs and {inputs} input channels, not {len(classes)} and "
-                            f"{in_channels}")
+    if not (isinstance(found, list) and len(found) == len(CLASSES) and all(isinstance(c, str) for c in found)):
+        raise _refuse(path, f"its classes {_show(found)} are not a list of {len(CLASSES)} names")
     for key in _NUMBER_INFO:
         if ckpt.get(key) is not None and not _is_number(ckpt[key], int if key.startswith("epoch") else float):
             raise _refuse(path, f"its {key} is {_show(ckpt[key])}, not a number")
@@ -190,9 +185,8 @@ def _check_info(path, ckpt, classes, in_channels):
             raise _refuse(path, f"its args {key}={_show(args[key])} is not a whole number")
 
 
-def read_checkpoint(path, classes=CLASSES, in_channels=1):
-    """A checkpoint dict, loaded safely and checked; CheckpointError (one line) for anything else. classes and
-    in_channels: what the model's outputs mean and what it takes (number_judge.py's judge: 11 and 2)."""
+def read_checkpoint(path):
+    """A checkpoint dict, loaded safely and checked; CheckpointError (one line) for anything else."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -205,7 +199,7 @@ def read_checkpoint(path, classes=CLASSES, in_channels=1):
         raise CheckpointError(f"{path}: unknown model {_show(name)} (known: {', '.join(MODELS)})")
     check_model_args(path, name, ckpt.setdefault("model_args", {}))
     _check_weights(path, name, ckpt["model_args"], ckpt.get("state_dict"))
-    _check_info(path, ckpt, classes, in_channels)
+    _check_info(path, ckpt)
     return copy.deepcopy(ckpt)  # out of the mapped file: resume replaces it, and Windows cannot while mapped
 
 
@@ -216,9 +210,9 @@ def check_model_type(path, found, expected):
                               f"matching one")
 
 
-def load_checkpoint(path, device="cpu", expected_model=None, classes=CLASSES, in_channels=1):
+def load_checkpoint(path, device="cpu", expected_model=None):
     """Rebuild the model of a checkpoint in eval mode on `device`: returns (model, checkpoint dict)."""
-    ckpt = read_checkpoint(path, classes, in_channels)
+    ckpt = read_checkpoint(path)
     check_model_type(path, ckpt["model"], expected_model)
     model = build_model(ckpt["model"], **ckpt["model_args"])  # checked: the weights fit, nothing oversized
     model.load_state_dict(ckpt["state_dict"])

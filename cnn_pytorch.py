@@ -113,15 +113,15 @@ class TinyCNN(nn.Module):
     block has only 16 channels; batch norm lets one epoch at a high peak rate (--max_lr 0.01) reach 99%.
     """
 
-    def __init__(self, channels=(16, 32, 64), num_classes=10, in_channels=1):
+    def __init__(self, channels=(16, 32, 64), num_classes=10):
         super().__init__()
-        layers, c_in = [], in_channels
+        layers, c_in = [], 1
         for c in channels:
             layers += _conv_bn(c_in, c) + [nn.MaxPool2d(2)]
             c_in = c
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(nn.Flatten(),
-                                        nn.Linear(_flat_size(self.features, (1, in_channels, 28, 28)), num_classes))
+                                        nn.Linear(_flat_size(self.features, (1, 1, 28, 28)), num_classes))
 
     def forward(self, x):
         return self.classifier(self.features(x))

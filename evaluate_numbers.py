@@ -6,7 +6,8 @@ break in a multi-line picture is written `-`, `0003_12-345.png`). Its kind is th
 kind it prints the string accuracy (the whole number right), the digit accuracy (digits right at their place,
 over the true digits, when the count is right; a wrong count scores none of that number's digits), and the
 segmentation errors (pictures read with the wrong number of digits). `--recipe plain` scores the recipe most
-tutorials use instead, as a baseline; `--time PICTURE` times the reader on one picture (docs/numbers.md).
+tutorials use instead (threshold, components, sort by x, the digit CNN on each), as a baseline; `--time PICTURE`
+times the reader on one picture (docs/numbers.md).
 """
 import json
 import sys
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-import number_judge
+import number_reader
 import preprocess
 from checkpoint import CheckpointError, load_checkpoint, model_path_or_default
 from common import OneLineParser, at_least, fail, first_line
@@ -28,15 +29,15 @@ PROG = "evaluate_numbers.py"
 def parse_args():
     p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("folder", nargs="?", help="pictures of numbers, in one subfolder per kind")
-    p.add_argument("--model_path", default=None,
-                   help="checkpoint; default: the one predict.py uses (results/best_model_simple_pt.pth, else "
-                        "the shipped pretrained/best_model_improved_pt.pth)")
+    p.add_argument("--reader", metavar="PATH", default=str(number_reader.DEFAULT_PATH),
+                   help="the number reader (python number_reader.py trains one)")
     p.add_argument("--recipe", choices=("reader", "plain"), default="reader",
-                   help="reader: preprocess.read_number (predict.py --number); plain: threshold, components, "
-                        "sort by x, classify each")
-    p.add_argument("--judge", metavar="PATH", default=None,
-                   help="the reader's number judge (default: pretrained/number_judge.pth when it is there; none: "
-                        "read without one)")
+                   help="reader: number_reader.read_number (predict.py --number); plain: threshold, components, "
+                        "sort by x, classify each with the digit CNN of --model_path")
+    p.add_argument("--model_path", default=None,
+                   help="the digit CNN (it checks the digits that stand apart, and reads every digit of the plain "
+                        "recipe); default: the one predict.py uses")
+    p.add_argument("--reader_only", action="store_true", help="the reader alone, without the digit CNN's check")
     p.add_argument("--digits_known", action="store_true",
                    help="tell the reader how many digits each number has (predict.py --digits)")
     p.add_argument("--json", action="store_true", help="print the table as one JSON object")
@@ -98,17 +99,18 @@ def plain_recipe(source, classify):
     return "".join(str(int(d)) for d in probs.argmax(1))
 
 
-def read(path, recipe, classify, digits=None, judge=None):
-    """The number string a recipe reads in one picture ("" when it finds nothing)."""
+def read(path, recipe, reader, classify, digits=None):
+    """The number string a recipe reads in one picture ("" when it finds nothing): the number reader with the
+    digit classifier (make_classifier) as its check, or the plain recipe with the classifier alone."""
     if recipe == "plain":
         return plain_recipe(path, classify)
     try:
-        return preprocess.read_number(path, classify, digits=digits, judge=judge).number
+        return number_reader.read_number(path, reader, digits, classify).number
     except preprocess.ImageError:
         return ""
 
 
-def score(folder, recipe, classify, digits_known=False, keep_errors=0, judge=None):
+def score(folder, recipe, reader, classify=None, digits_known=False, keep_errors=0):
     """{kind: {"n", "string_accuracy", "digit_accuracy", "segmentation_errors", "errors": [...]}}."""
     folder = Path(folder)
     pictures = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in preprocess.IMAGE_SUFFIXES)
@@ -116,7 +118,7 @@ def score(folder, recipe, classify, digits_known=False, keep_errors=0, judge=Non
     for path in pictures:
         truth = truth_of(path)
         flat_truth = truth.replace("\n", "")
-        got = read(path, recipe, classify, len(flat_truth) if digits_known else None, judge)
+        got = read(path, recipe, reader, classify, len(flat_truth) if digits_known else None)
         flat_got = got.replace("\n", "").replace(".", "").replace("-", "")
         row = table.setdefault(path.parent.relative_to(folder).as_posix(), {
             "n": 0, "right": 0, "digits": 0, "digits_right": 0, "count_wrong": 0, "errors": []})
@@ -135,12 +137,12 @@ def score(folder, recipe, classify, digits_known=False, keep_errors=0, judge=Non
                    "segmentation_errors": r["count_wrong"], "errors": r["errors"]} for kind, r in table.items()}
 
 
-def time_reads(path, classify, repeat, judge=None):
+def time_reads(path, reader, classify, repeat):
     """Seconds per read of one picture by read_number: [first, then the others]."""
     times = []
     for _ in range(repeat):
         started = time.perf_counter()
-        reading = preprocess.read_number(path, classify, judge=judge)
+        reading = number_reader.read_number(path, reader, classify=classify)
         times.append(time.perf_counter() - started)
     return times, reading
 
@@ -150,17 +152,21 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if (args.folder is None) == (args.time is None):
         parser.error("give a FOLDER of pictures to score, or --time PICTURE")
+    if args.time and args.recipe == "plain":
+        parser.error("--time times the reader, not the plain recipe")
     try:
-        model_path = model_path_or_default(args.model_path)
-        model, ckpt = load_checkpoint(model_path)
-        judge = number_judge.judge_for(args.judge) if args.recipe == "reader" else None
-    except CheckpointError as err:
-        fail(PROG, err, 2)
-    classify = make_classifier(model, ckpt["normalization"]["mean"], ckpt["normalization"]["std"])
+        reader = number_reader.load_reader(args.reader) if args.recipe == "reader" else None
+        classify = model_path = None
+        if args.recipe == "plain" or not args.reader_only:
+            model_path = model_path_or_default(args.model_path)
+            cnn, ckpt = load_checkpoint(model_path)
+            classify = make_classifier(cnn, ckpt["normalization"]["mean"], ckpt["normalization"]["std"])
+    except (CheckpointError, OSError) as err:
+        fail(PROG, first_line(err), 2)
     torch.set_grad_enabled(False)
     if args.time:
         try:
-            times, reading = time_reads(args.time, classify, args.repeat, judge)
+            times, reading = time_reads(args.time, reader, classify, args.repeat)
         except preprocess.ImageError as err:
             fail(PROG, f"{args.time}: {first_line(err)}", 1)
         later = sorted(times[1:]) or times
@@ -171,16 +177,16 @@ def main(argv=None):
     if not Path(args.folder).is_dir():
         parser.error(f"{args.folder} is not a folder")
     started = time.perf_counter()
-    table = score(args.folder, args.recipe, classify, args.digits_known, args.errors, judge)
+    table = score(args.folder, args.recipe, reader, classify, args.digits_known, args.errors)
     if not table:
         fail(PROG, f"no pictures in {args.folder}", 1)
     if args.json:
-        print(json.dumps({"folder": str(args.folder), "recipe": args.recipe, "model": str(model_path),
-                          "judge": str(args.judge or number_judge.PRETRAINED_JUDGE) if judge is not None else None,
+        print(json.dumps({"folder": str(args.folder), "recipe": args.recipe, "reader": args.reader,
+                          "model": model_path and str(model_path),
                           "kinds": table}))
         return 0
-    judged = f", judge {args.judge or number_judge.PRETRAINED_JUDGE}" if judge is not None else ", no judge"
-    print(f"{args.recipe} recipe, model {model_path}{judged if args.recipe == 'reader' else ''}, {args.folder} "
+    used = ([f"reader {args.reader}"] if reader else []) + ([f"digit CNN {model_path}"] if classify else [])
+    print(f"{args.recipe} recipe, {', '.join(used)}, {args.folder} "
           f"({time.perf_counter() - started:.0f} s)")
     print(f"{'kind':<20} {'n':>5} {'string acc':>11} {'digit acc':>10} {'wrong count':>12}")
     for kind, r in table.items():

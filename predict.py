@@ -18,7 +18,7 @@ import torch
 import preprocess
 from checkpoint import CheckpointError, check_model_type, load_checkpoint, model_path_or_default
 from cnn_pytorch import MODELS
-from common import PROJECT_DIR, OneLineParser, at_least, atomic_write, fail, shown_path
+from common import PROJECT_DIR, OneLineParser, at_least, atomic_write, fail, first_line, shown_path
 from onnx_model import load_onnx_model
 
 EXAMPLES_DIR = PROJECT_DIR / "examples"  # five shipped pictures of digits to try (see examples/README.md)
@@ -51,9 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--digits", type=int, metavar="N",
                    help="with --number: the number has exactly N digits (all lines together); the reader cuts or "
                         "joins to find that many")
-    p.add_argument("--judge", metavar="PATH",
-                   help="with --number: the number judge that tells whole digits from pieces of touching ones; "
-                        "without it pretrained/number_judge.pth when it is there; none: read without one")
+    p.add_argument("--reader", metavar="PATH",
+                   help="with --number: the number reader (default: the shipped pretrained/number_reader.pth; "
+                        "python number_reader.py trains one)")
     p.add_argument("--annotate", metavar="DIR",
                    help="with --number: write a copy of each picture into DIR with each digit's box and reading "
                         "drawn over it (low-confidence digits in orange)")
@@ -67,8 +67,8 @@ def check_args(parser, args):
                      f"(five example digits ship with the project)")
     if not 0 <= args.low_confidence <= 1:
         parser.error(f"--low_confidence must be between 0 and 1, got {args.low_confidence}")
-    if (args.digits is not None or args.annotate or args.judge) and not args.number:
-        parser.error("--digits, --judge and --annotate go with --number")
+    if (args.digits is not None or args.annotate or args.reader) and not args.number:
+        parser.error("--digits, --reader and --annotate go with --number")
     if args.digits is not None and not 1 <= args.digits <= preprocess.MAX_DIGITS:
         parser.error(f"--digits must be between 1 and {preprocess.MAX_DIGITS}, got {args.digits}")
     if args.number and (args.save_preprocessed or args.top_k != 1):
@@ -89,11 +89,11 @@ def main(argv=None):
     except CheckpointError as err:
         fail("predict.py", err, 2)
     if args.number:
-        import number_judge  # only --number needs it
+        import number_reader  # only --number needs it
         try:
-            args.judge = number_judge.judge_for(args.judge, device)  # the file named becomes the judge itself
-        except CheckpointError as err:
-            fail("predict.py", f"--judge: {err}", 2)
+            args.reader = number_reader.load_reader(args.reader or number_reader.DEFAULT_PATH)
+        except (CheckpointError, OSError) as err:
+            fail("predict.py", f"--reader: {first_line(err)}", 2)
     if not args.model_path and not args.json:
         acc = ckpt.get("test_accuracy")
         print(f"model: {model_path} ({ckpt['model']}"
@@ -212,7 +212,10 @@ def load_model(path, device, expected_model):
 # ---- numbers: --number ------------------------------------------------------------------------------------
 
 def read_numbers(inputs, model, device, norm, args):
-    """Read each picture's number and print it; returns how many pictures failed."""
+    """Read each picture's number with the number reader (args.reader), the digits that stand apart checked by
+    the digit CNN (model), and print it; returns how many pictures failed."""
+    import number_reader
+
     def classify(pixels):  # what read_number asks for: pixels (N, 28, 28) in [0, 1] -> (N, 10) probabilities
         x = (torch.from_numpy(pixels).to(device) - norm["mean"]) / norm["std"]
         return model(x.unsqueeze(1)).float().softmax(1).cpu().numpy()
@@ -222,7 +225,7 @@ def read_numbers(inputs, model, device, norm, args):
         reading = None
         if error is None:
             try:
-                reading = preprocess.read_number(path, classify, digits=args.digits, judge=args.judge)
+                reading = number_reader.read_number(path, args.reader, args.digits, classify)
                 if args.annotate:
                     annotate(path, reading, args.annotate / unique_name(path, used), args.low_confidence)
             except preprocess.NoDigitError:

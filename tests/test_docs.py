@@ -18,10 +18,10 @@ README = ROOT / "README.md"
 # command module -> its page
 PAGE_OF = {"train_pytorch": "train.md", "predict": "predict.md", "evaluate": "evaluate.md", "export": "export.md",
            "benchmark": "benchmark.md", "app": "app.md", "tune": "tune.md", "demo": "demo.md",
-           "evaluate_numbers": "numbers.md", "number_judge": "numbers.md"}
+           "evaluate_numbers": "numbers.md", "number_reader": "numbers.md"}
 # page -> the commands whose flags its tables may list (numbers.md documents predict.py --number too)
 COVERS = {page: [module] for module, page in PAGE_OF.items()}
-COVERS["numbers.md"] = ["evaluate_numbers", "predict", "number_judge"]
+COVERS["numbers.md"] = ["evaluate_numbers", "predict", "number_reader"]
 
 
 def parser_of(module_name):

@@ -90,15 +90,11 @@ FLAGGED_FIVES = (1087, 3552, 5624)  # MNIST test 5s whose top bar is apart and r
 
 @pytest.mark.parametrize("five", FLAGGED_FIVES)
 def test_a_five_whose_bar_reaches_past_its_body_keeps_its_bar(mnist_test, tmp_path, capsys, five):
-    """The bar overlaps the body's columns too little to count as its piece, so it used to be dropped as a speck
-    and the body read as a 3 ("13")."""
-    height = 60
-    cover = strip(mnist_test, [first_of(mnist_test, 1), five], [0.4], height=height)
-    parts = preprocess._find_parts(preprocess._Ink(cover, cover > 0.45, 0.01, 1.0, 1.0))
-    tall = [p for p in parts if p.h >= preprocess.SPECK_HEIGHT * height]
-    bars = [p for p in parts if p.h < preprocess.SPECK_HEIGHT * height and p.w >= 0.3 * height]
-    assert bars and all(max(preprocess._column_overlap(b, q) for q in tall) < 0.4 * b.w for b in bars), \
-        "the bar should stand apart from the body, overlapping it less than a piece does"
+    """The bar of these 5s is a mark of its own beside the body, not over it: a reader that dropped it as a speck
+    read the body as a 3 ("13")."""
+    cover = strip(mnist_test, [first_of(mnist_test, 1), five], [0.4], height=60)
+    labels = preprocess._label_components(cover > 0.45)
+    assert len(np.unique(labels[labels > 0])) >= 3, "the 5's bar should be apart from its body"
     path = on_paper(cover, tmp_path / "15.png")
     code, out, _ = run(["--image_path", path, "--number"], capsys)
     assert code == 0
@@ -127,26 +123,6 @@ def test_touching_digits_are_read_without_their_count(mnist_test, tmp_path, caps
     code, out, _ = run(["--image_path", path, "--number"], capsys)
     assert code == 0
     assert out[0].startswith(f"{path}: 679 ("), out
-
-
-def test_touching_digits_past_the_candidate_limit_are_read_without_straight_cuts(mnist_test, tmp_path, capsys,
-                                                                                 monkeypatch):
-    """Straight cuts multiply the candidates of a cluster (this 679: 719 with them, 100 without). A picture whose
-    straight cuts pass the limit is read without them, not refused; only past the limit without them is it
-    refused. The limit is lowered here so that a 3-digit cluster stands in for a 6-digit one."""
-    indices = [first_of(mnist_test, d) for d in (6, 7, 9)]
-    path = on_paper(strip(mnist_test, indices, [-0.06, -0.06]), tmp_path / "679.png")
-    with_straight = preprocess.number_candidates(path, None, preprocess.MAX_DIGITS, straight=True)
-    without = preprocess.number_candidates(path, None, preprocess.MAX_DIGITS, straight=False)
-    assert len(without.keys) < 200 < len(with_straight.keys)
-    monkeypatch.setattr(preprocess, "MAX_CANDIDATES", 200)
-    code, out, _ = run(["--image_path", path, "--number"], capsys)  # the shipped judge asks for straight cuts
-    assert code == 0
-    assert out[0].startswith(f"{path}: 679 ("), out
-    monkeypatch.setattr(preprocess, "MAX_CANDIDATES", len(without.keys) - 1)
-    code, out, err = run(["--image_path", path, "--number"], capsys)
-    assert code == 1
-    assert "not a number" in " ".join(out + err)
 
 
 def test_two_lines_are_read_top_to_bottom(mnist_test, tmp_path, capsys):
@@ -186,15 +162,15 @@ def test_a_decimal_point_is_read_as_a_point_not_a_zero(mnist_test, tmp_path, cap
 
 
 def test_a_crumb_against_a_digit_is_not_a_point(mnist_test, tmp_path, capsys):
-    # the same dot moved against the 3 is the piece of a broken stroke: left out (preprocess.DOT_GAP)
+    # the same dot moved against the 3 is the piece of a broken stroke: left out (the reader's synthetic lines
+    # have such crumbs against a digit, unread, and decimal points apart from both neighbours)
     code, out, _ = run(["--image_path", _pi_with_a_dot(mnist_test, tmp_path, 0.0), "--number"], capsys)
     assert code == 0
     assert out[0].split(": ")[1].split()[0] == "314", out
 
 
 def test_a_digit_in_short_pieces_is_read_not_dropped(mnist_test, tmp_path, capsys):
-    # the 8 of 383 cut by blank rows into pieces each shorter than a speck (preprocess.SPECK_HEIGHT): together
-    # they stand as tall as the digits beside it, so they are one broken digit (preprocess._broken_digits)
+    # the 8 of 383 cut by blank rows into short pieces: together they stand as tall as the digits beside it
     cover = strip(mnist_test, [first_of(mnist_test, d) for d in (3, 8, 3)], [0.5, 0.5])
     inked = cover.max(0) > 0
     starts = np.flatnonzero(inked[1:] & ~inked[:-1]) + 1  # where the 8 and the last 3 begin
@@ -268,20 +244,18 @@ def test_flags_that_need_number_are_refused(capsys):
     assert code == 2 and "--number" in err[-1]
 
 
-SMALL_SET_FLOORS = {"spaced_paper_jpeg": 0.9, "spaced_canvas": 0.9, "long": 0.9, "touching": 0.7}
+SMALL_SET_FLOORS = {"spaced_paper_jpeg": 0.9, "spaced_canvas": 0.9, "long": 0.9, "touching": 0.85}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(SMALL_SET_FLOORS))
 def test_string_accuracy_on_a_small_generated_set(kind, mnist_test, tmp_path):
     """A regression floor: 20 pictures each of spaced numbers on paper and on a canvas, of long numbers and of
-    touching digits, read with the shipped model and the shipped number judge; one test per kind, so that the
-    workers share them. With the improved CNN shipped (2026-12-06): 20, 19 and 19 of 20 spaced on paper, on a
-    canvas and long right, 17 of 20 touching (with the simple CNN before it: 58 of 60 and 16; 11 touching without
-    the judge, 8 before touching clusters got seams from the top and no cost per digit, so a floor of 70% catches
-    the loss of the judge); the floors leave room for a few."""
+    touching digits, read with the shipped number reader and model; one test per kind, so that the workers share them.
+    The floors leave room for two misreads of 20 (three for touching digits) below what the reader of 2026-12-07
+    read (docs/numbers.md: 97-99% of 400 spaced, 95%+ of 400 touching)."""
     import evaluate_numbers
-    import number_judge
+    import number_reader
     from checkpoint import load_checkpoint
     # the same 80 pictures for every kind's test (one random stream); this test reads its own kind's 20
     mk.make_number_set(tmp_path / "all", mnist_test[0], mnist_test[1], tuple(SMALL_SET_FLOORS), per_kind=20, seed=7)
@@ -289,7 +263,6 @@ def test_string_accuracy_on_a_small_generated_set(kind, mnist_test, tmp_path):
     (tmp_path / "all" / kind).rename(tmp_path / "one" / kind)
     model, ckpt = load_checkpoint(PRETRAINED)
     classify = evaluate_numbers.make_classifier(model, ckpt["normalization"]["mean"], ckpt["normalization"]["std"])
-    judge = number_judge.judge_for()  # the shipped judge
-    table = evaluate_numbers.score(tmp_path / "one", "reader", classify, judge=judge)
+    table = evaluate_numbers.score(tmp_path / "one", "reader", number_reader.load_reader(), classify)
     assert list(table) == [kind] and table[kind]["n"] == 20
     assert table[kind]["string_accuracy"] >= SMALL_SET_FLOORS[kind], table[kind]

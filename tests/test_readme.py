@@ -43,7 +43,7 @@ SHORTENING = {  # flags appended to a command of each script
     "benchmark.py": ["--epochs", "1", "--seeds", "1", "--extra=--train_subset 3000"],  # test_benchmark runs 2 seeds
     "tune.py": ["--epochs", "1", "--train_subset", "256"],  # not --trials: the grid refuses it
     "export.py": ["--eval_images", "500", "--calibration_images", "200", "--bench_seconds", "0.2"],
-    "number_judge.py": ["--pictures", "20", "--val_pictures", "10", "--epochs", "1"],
+    "number_reader.py": ["--steps", "4", "--val_lines", "64", "--eval_every", "2", "--batch_size", "8"],
 }
 SHELL_OPERATORS = {"&", "&&", ";", "|", "||"}
 # The command each page is about: at least one of its runnable lines must run it.

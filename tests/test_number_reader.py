@@ -1,0 +1,88 @@
+"""number_reader.py: the decoding a user's --digits relies on, the lines it learns from, its training command and
+the refusal of files that are not a reader. Reading real pictures through predict.py: tests/test_numbers.py."""
+import numpy as np
+import pytest
+import torch
+
+import number_reader as nr
+from checkpoint import CheckpointError
+
+
+def frames(*classes, sure=0.9):
+    """Log-probabilities (T, 13) whose best path is `classes` (0 blank, k + 1 the k-th of nr.ALPHABET)."""
+    logp = np.full((len(classes), len(nr.ALPHABET) + 1), np.log((1 - sure) / len(nr.ALPHABET)))
+    logp[np.arange(len(classes)), classes] = np.log(sure)
+    return logp
+
+
+def test_best_path_merges_repeats_and_needs_a_blank_between_two_of_a_kind():
+    logp = frames(0, 2, 2, 0, 2, 0, 8, 8, 0)  # "1", "1" (a blank between), "7"
+    assert [e.char for e in nr.decode(logp)] == ["1", "1", "7"]
+    assert nr.decode(logp)[2].first == 6 and nr.decode(logp)[2].last == 7
+
+
+def test_digits_n_gives_exactly_n_digits_and_the_best_path_when_it_already_has_n():
+    logp = frames(0, 4, 0, 0, 6, 0)  # "35"
+    assert "".join(e.char for e in nr.decode(logp, digits=2)) == "35"
+    logp[2, 1 + 9] = np.log(0.45)  # a doubtful 9 between them: the unconstrained reading leaves it out ...
+    assert "".join(e.char for e in nr.decode(logp)) == "35"
+    assert "".join(e.char for e in nr.decode(logp, digits=3)) == "395"  # ... three digits must take it
+    one = "".join(e.char for e in nr.decode(logp, digits=1))
+    assert one in ("3", "5")
+    dotted = frames(0, 4, 0, 11, 0, 6, 0)  # "3.5": the point is not a digit
+    assert "".join(e.char for e in nr.decode(dotted, digits=2)) == "3.5"
+
+
+def test_digits_over_lines_add_up_to_n():
+    lines = [frames(0, 2, 0, 3, 0), frames(0, 4, 0)]  # "12" and "3"
+    paths = nr._paths_for(lines, 3)
+    assert ["".join(e.char for e in nr._emissions(lp, p)) for lp, p in zip(lines, paths)] == ["12", "3"]
+
+
+def test_a_line_is_normalised_to_the_reader_height_with_its_ink_inside():
+    cover = np.zeros((300, 500), np.float32)
+    cover[100:220, 50:60] = 1.0   # a 1, 120 px tall
+    cover[100:220, 200:290] = 0.5  # a grey block
+    line, scale, y0, x0 = nr.normalise_line(cover)
+    assert line.shape[0] == nr.HEIGHT and (y0, x0) == (100, 50)
+    rows = np.flatnonzero(line.max(1) > nr.INK)
+    assert rows[0] >= (nr.HEIGHT - nr.INK_HEIGHT) // 2 - 1 and rows[-1] - rows[0] + 1 <= nr.INK_HEIGHT
+    assert np.isclose(scale, nr.INK_HEIGHT / 120, rtol=0.05) and line.max() == 1.0
+    assert nr.normalise_line(np.zeros((20, 20), np.float32)) is None
+
+
+def test_synthetic_lines_hold_their_text_and_never_the_test_digits():
+    images, labels = nr.digit_pools("train")
+    assert len(images) == 55_000 + 21_086  # MNIST's training split of seed 0 and the writers' training part
+    rng = np.random.default_rng(0)
+    made = [nr.make_line(images[:200], labels[:200], rng) for _ in range(50)]
+    assert all(set(text) <= set(nr.ALPHABET) and 1 <= sum(c.isdigit() for c in text) <= 12 for _, text in made)
+    assert any("." in text for _, text in made) or any(len(text) > 6 for _, text in made)
+    x, targets, lengths, texts = nr.as_batch(made[:8], rng)
+    assert x.shape[:3] == (8, 1, nr.HEIGHT) and lengths.tolist() == [len(t) for t in texts]
+    assert targets.tolist() == [nr.ALPHABET.index(c) + 1 for t in texts for c in t]
+
+
+def test_the_training_command_writes_a_reader_that_reads(tmp_path, capsys):
+    out = tmp_path / "reader.pth"
+    assert nr.main(["--steps", "3", "--batch_size", "8", "--val_lines", "64", "--eval_every", "2",
+                    "--out", str(out)]) == 0
+    assert "validation lines read whole" in capsys.readouterr().out
+    reader = nr.load_reader(out)
+    assert sum(p.numel() for p in reader.parameters()) == 179_645
+    with torch.inference_mode():
+        assert reader(torch.zeros(1, 1, nr.HEIGHT, 64)).shape == (1, 16, len(nr.ALPHABET) + 1)
+
+
+def test_a_file_that_is_not_a_reader_is_refused_in_one_line(tmp_path):
+    torch.save({"format": "mnist-cnn/1", "state_dict": {}}, tmp_path / "cnn.pth")
+    with pytest.raises(CheckpointError, match="not a number reader"):
+        nr.load_reader(tmp_path / "cnn.pth")
+    with pytest.raises(CheckpointError, match="no number reader there"):
+        nr.load_reader(tmp_path / "missing.pth")
+    good = nr.load_reader()  # the shipped one
+    bad = {"format": nr.FORMAT, "model_args": {"widths": [16, 32, 64, 96], "hidden": 64}, "alphabet": nr.ALPHABET,
+           "state_dict": {k: v[:1] if v.dim() else v for k, v in good.state_dict().items()}}
+    torch.save(bad, tmp_path / "cut.pth")
+    with pytest.raises(CheckpointError, match="weights do not fit"):
+        nr.load_reader(tmp_path / "cut.pth")

@@ -324,13 +324,12 @@ def read_number(source, model, digits=None, classify=None, weight=CNN_WEIGHT):
     with torch.inference_mode():  # one line at a time: no padding, and lines differ a lot in width
         logps = [model(torch.from_numpy(line)[None, None])[0].double().numpy() for *_, (line, _, _, _) in lines]
     reading, apart = [], []
-    for li, ((cover, top, left, (_, scale, y0, x0)), logp, path) in enumerate(zip(lines, logps, _paths_for(logps, digits))):
+    for (cover, top, left, (_, scale, y0, x0)), logp, path in zip(lines, logps, _paths_for(logps, digits)):
         chars = _emissions(logp, path)
         reading.append([])
         for e, (b0, b1, c0, c1) in zip(chars, _boxes(chars, cover, scale, y0, x0)):
             reading[-1].append(preprocess.ReadDigit(e.char, e.probability, (top + b0, top + b1, left + c0, left + c1)))
-            if classify is not None and e.char.isdigit() and (c0 == 0 or not (cover[:, c0 - 1] > INK).any()) \
-                    and (c1 >= cover.shape[1] or not (cover[:, c1] > INK).any()):
+            if classify is not None and e.char.isdigit() and _stands_apart(cover, c0, c1):
                 own = np.exp(logp[e.peak, 1:11])
                 apart.append((reading[-1][-1], own / own.sum(), preprocess.fit_and_centre(cover[b0:b1, c0:c1])))
     if apart:
@@ -347,6 +346,11 @@ def read_number(source, model, digits=None, classify=None, weight=CNN_WEIGHT):
     if sum(len(r) for r in reading) > preprocess.MAX_DIGITS:
         raise preprocess.TooManyDigitsError(f"more than {preprocess.MAX_DIGITS} digits: not a number, or a page of text")
     return preprocess.NumberReading([r for r in reading if r], found.size)
+
+
+def _stands_apart(cover, c0, c1):
+    """No ink in the column just left of a digit's box nor just right of it: a digit the CNN can read alone."""
+    return all(c < 0 or c >= cover.shape[1] or not (cover[:, c] > INK).any() for c in (c0 - 1, c1))
 
 
 def _paths_for(logps, digits):

@@ -439,7 +439,7 @@ def parse_args():
     p.add_argument("--learning_rate", type=positive, default=3e-3, help="peak of the one-cycle schedule (AdamW)")
     p.add_argument("--seed", type=int, default=0, help="seed for the lines and the weights")
     p.add_argument("--val_lines", type=at_least(64), default=512, help="lines of validation digits to choose on")
-    p.add_argument("--eval_every", type=at_least(1), default=250, help="steps between validations")
+    p.add_argument("--eval_every", type=at_least(1), default=500, help="steps between validations")
     p.add_argument("--out", default=str(PROJECT_DIR / "results" / "number_reader.pth"),
                    help="where the best reader on the validation lines is written")
     p.add_argument("--threads", type=at_least(1), default=None, help="torch threads (default: torch's choice)")

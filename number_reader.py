@@ -175,7 +175,8 @@ def make_line(images, labels, rng):
         y = int(round(py)) + 10
         np.maximum(cover[y:y + ink.shape[0], px:px + ink.shape[1]], ink, out=cover[y:y + ink.shape[0], px:px + ink.shape[1]])
     text = "".join(char for _, char in pieces)
-    for _ in range(int(rng.random() < 0.15) + int(rng.random() < 0.1)):  # a crumb right against a digit's foot
+    for _ in range(int(rng.random() < 0.15) + int(rng.random() < 0.1)):  # a crumb against a digit's side, a
+        # little above its middle (not at its foot, where a point would be: the offsets put it there)
         d = int(rng.uniform(0.1, 0.2) * height)
         ink, px, py = placed[int(rng.integers(0, len(placed)))]
         side = px - d - 1 if rng.random() < 0.5 else px + ink.shape[1] - 1

@@ -163,7 +163,7 @@ def test_a_decimal_point_is_read_as_a_point_not_a_zero(mnist_test, tmp_path, cap
 
 def test_a_crumb_against_a_digit_is_not_a_point(mnist_test, tmp_path, capsys):
     # the same dot moved against the 3 is the piece of a broken stroke: left out (the reader's synthetic lines
-    # have such crumbs against a digit, unread, and decimal points apart from both neighbours)
+    # have decimal points only apart from both neighbours, and crumbs against a digit's side that are not text)
     code, out, _ = run(["--image_path", _pi_with_a_dot(mnist_test, tmp_path, 0.0), "--number"], capsys)
     assert code == 0
     assert out[0].split(": ")[1].split()[0] == "314", out

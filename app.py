@@ -80,17 +80,17 @@ class Predictor:
 
     def read_number(self, body):
         """Picture bytes -> the /read_number answer (the same errors as predict, but for several digits)."""
-        picture = self.open(body)
-        with self.lock:  # one read at a time, as one forward pass at a time for digits
-            reading = number_reader.read_number(picture, self.reader, classify=self.classify)
+        # prepared in parallel like a digit; the reader's forward pass (a few ms, a module in eval mode is safe to
+        # share) is not under the lock, the digit CNN's is (classify)
+        reading = number_reader.read_number(self.open(body), self.reader, classify=self.classify)
         return {"number": reading.number, "confidence": round(reading.confidence, 6), "lines": reading.numbers,
                 "digits": [{"digit": d.digit, "probability": round(d.probability, 6), "box": list(d.box)}
                            for line in reading.lines for d in line]}
 
     def classify(self, pixels):
-        """The digit CNN for read_number (called under the lock): pixels (N, 28, 28) in [0, 1] -> probabilities."""
+        """read_number's digit CNN: pixels (N, 28, 28) in [0, 1] -> (N, 10) probabilities."""
         x = (torch.from_numpy(pixels) - self.mean) / self.std
-        with torch.inference_mode():
+        with self.lock, torch.inference_mode():
             return self.model(x.unsqueeze(1).to(self.device)).float().softmax(1).cpu().numpy()
 
     def open(self, body):

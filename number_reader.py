@@ -21,7 +21,8 @@ import torch.nn as nn
 from PIL import Image
 from scipy import ndimage
 
-from checkpoint import CheckpointError, atomic_save
+import preprocess
+from checkpoint import CheckpointError, _load, _refuse, atomic_save  # the checks every model file gets
 from common import PROJECT_DIR, OneLineParser, at_least, positive
 
 PROG = "number_reader.py"
@@ -68,7 +69,6 @@ class LineReader(nn.Module):
 
 def load_reader(path=DEFAULT_PATH):
     """The reader in `path` (weights-only loading, arguments checked), in eval mode. Raises CheckpointError."""
-    from checkpoint import _load, _refuse  # the one place a model file is read; its checks are shared
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no number reader there (train one with `python number_reader.py`, or "
@@ -247,11 +247,11 @@ class Emission:
     peak: int
 
 
-def decode(logp, digits=None):
-    """Log-probabilities (T, classes) -> [Emission] on the best path (each frame's most likely class, runs
-    merged, blanks dropped). With digits, the best path that emits exactly that many digits (count_paths)."""
-    path = logp.argmax(1) if digits is None else count_paths(logp, digits)[digits][1]
-    return _emissions(logp, path)
+def decode(logps, digits=None):
+    """Each line's log-probabilities (T, classes) -> its [Emission] on the best path (each frame's most likely
+    class, runs merged, blanks dropped). With digits, the best paths that emit exactly that many digits over all
+    the lines together (_paths_for)."""
+    return [_emissions(logp, path) for logp, path in zip(logps, _paths_for(logps, digits))]
 
 
 def _emissions(logp, path):
@@ -317,7 +317,6 @@ def read_number(source, model, digits=None, classify=None, weight=CNN_WEIGHT):
     seam for the digit CNN): pixels (N, 28, 28) in [0, 1] -> (N, 10) probabilities; a digit that stands apart
     (blank columns on both sides) is then read by both, mixed with the CNN's share `weight`. Raises as
     preprocess.number_lines."""
-    import preprocess
     found = preprocess.number_lines(source)
     lines = [(cover, top, left, got) for cover, top, left in found.lines if (got := normalise_line(cover))]
     if not lines:
@@ -325,8 +324,7 @@ def read_number(source, model, digits=None, classify=None, weight=CNN_WEIGHT):
     with torch.inference_mode():  # one line at a time: no padding, and lines differ a lot in width
         logps = [model(torch.from_numpy(line)[None, None])[0].double().numpy() for *_, (line, _, _, _) in lines]
     reading, apart = [], []
-    for (cover, top, left, (_, scale, y0, x0)), logp, path in zip(lines, logps, _paths_for(logps, digits)):
-        chars = _emissions(logp, path)
+    for (cover, top, left, (_, scale, y0, x0)), logp, chars in zip(lines, logps, decode(logps, digits)):
         reading.append([])
         for e, (b0, b1, c0, c1) in zip(chars, _boxes(chars, cover, scale, y0, x0)):
             reading[-1].append(preprocess.ReadDigit(e.char, e.probability, (top + b0, top + b1, left + c0, left + c1)))
@@ -403,7 +401,7 @@ def digit_pools(split):
 
 
 def text_of(logp):
-    return "".join(e.char for e in _emissions(logp, logp.argmax(1)))
+    return "".join(e.char for e in decode([logp])[0])
 
 
 def string_accuracy(model, batches):

@@ -49,8 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--number", action="store_true",
                    help="read every digit of a number, left to right (several lines: top to bottom)")
     p.add_argument("--digits", type=int, metavar="N",
-                   help="with --number: the number has exactly N digits (all lines together); the reader cuts or "
-                        "joins to find that many")
+                   help="with --number: the number has exactly N digits (all lines together); the reader gives its "
+                        "most likely reading with that many")
     p.add_argument("--reader", metavar="PATH",
                    help="with --number: the number reader (default: the shipped pretrained/number_reader.pth; "
                         "python number_reader.py trains one)")

@@ -552,7 +552,6 @@ class _Ink:
     """The ink of a picture at the number resolution: contrast against the paper (paper 0, ink positive)."""
     ink: np.ndarray     # float32 contrast map
     strong: np.ndarray  # bool: surely ink (the mask parts are found in)
-    noise: float        # robust spread of the paper in `ink`
     level: float        # typical contrast of the ink (90th percentile)
     scale: float        # picture pixels per map pixel
 
@@ -581,7 +580,7 @@ def _number_ink(plane, ink_is_alpha, picture_size):
         raise NoDigitError("no digits found (nothing stands out from the background)")
     strong = ink > max(0.45 * level, 4.0 * noise + 0.02)
     scale = picture_size[0] / w
-    return _Ink(ink, strong, noise, level, scale)
+    return _Ink(ink, strong, level, scale)
 
 
 LINE_JOIN = 0.3   # bands of inked rows closer than this share of the taller one's height are one line (the bar

@@ -17,26 +17,25 @@ def frames(*classes, sure=0.9):
 
 def test_best_path_merges_repeats_and_needs_a_blank_between_two_of_a_kind():
     logp = frames(0, 2, 2, 0, 2, 0, 8, 8, 0)  # "1", "1" (a blank between), "7"
-    assert [e.char for e in nr.decode(logp)] == ["1", "1", "7"]
-    assert nr.decode(logp)[2].first == 6 and nr.decode(logp)[2].last == 7
+    assert [e.char for e in nr.decode([logp])[0]] == ["1", "1", "7"]
+    assert nr.decode([logp])[0][2].first == 6 and nr.decode([logp])[0][2].last == 7
 
 
 def test_digits_n_gives_exactly_n_digits_and_the_best_path_when_it_already_has_n():
     logp = frames(0, 4, 0, 0, 6, 0)  # "35"
-    assert "".join(e.char for e in nr.decode(logp, digits=2)) == "35"
+    assert "".join(e.char for e in nr.decode([logp], digits=2)[0]) == "35"
     logp[2, 1 + 9] = np.log(0.45)  # a doubtful 9 between them: the unconstrained reading leaves it out ...
-    assert "".join(e.char for e in nr.decode(logp)) == "35"
-    assert "".join(e.char for e in nr.decode(logp, digits=3)) == "395"  # ... three digits must take it
-    one = "".join(e.char for e in nr.decode(logp, digits=1))
+    assert "".join(e.char for e in nr.decode([logp])[0]) == "35"
+    assert "".join(e.char for e in nr.decode([logp], digits=3)[0]) == "395"  # ... three digits must take it
+    one = "".join(e.char for e in nr.decode([logp], digits=1)[0])
     assert one in ("3", "5")
     dotted = frames(0, 4, 0, 11, 0, 6, 0)  # "3.5": the point is not a digit
-    assert "".join(e.char for e in nr.decode(dotted, digits=2)) == "3.5"
+    assert "".join(e.char for e in nr.decode([dotted], digits=2)[0]) == "3.5"
 
 
 def test_digits_over_lines_add_up_to_n():
     lines = [frames(0, 2, 0, 3, 0), frames(0, 4, 0)]  # "12" and "3"
-    paths = nr._paths_for(lines, 3)
-    assert ["".join(e.char for e in nr._emissions(lp, p)) for lp, p in zip(lines, paths)] == ["12", "3"]
+    assert ["".join(e.char for e in line) for line in nr.decode(lines, digits=3)] == ["12", "3"]
 
 
 def test_a_line_is_normalised_to_the_reader_height_with_its_ink_inside():

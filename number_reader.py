@@ -27,21 +27,21 @@ from common import PROJECT_DIR, OneLineParser, at_least, positive
 
 PROG = "number_reader.py"
 DEFAULT_PATH = PROJECT_DIR / "pretrained" / "number_reader.pth"
-FORMAT = "mnist-line-reader/1"
+FORMAT = "mnist-line-reader/2"  # /1 pooled in its first block: same weights, other meaning
 ALPHABET = "0123456789.-"  # CTC class k + 1 is ALPHABET[k]; class 0 is the blank
 HEIGHT = 32                # a line is read at this height ...
 INK_HEIGHT = 24            # ... its ink spanning this many rows of it
 PAD = 8                    # blank columns added at each end of a line
-STRIDE = 4                 # line columns per output frame (two 2x2 poolings)
+STRIDE = 4                 # line columns per output frame (a stride of 2, then a 2x2 pooling)
 MAX_WIDTH = 4096           # longest normalised line (128 digits' worth): anything longer is squeezed
 INK = 0.2                  # cover above this is ink, for cropping a line and a digit's box
 # A digit that stands apart is also read by the digit CNN (predict.py's model), mixed geometrically with this
-# share. Chosen on 1,000 pictures of numbers from the validation digits (make_user_images.py --numbers --split
-# val --seed 21, 200 a kind; the UCI kind left out: it is the measure), read whole, reader alone -> 0.5:
-# long 90.0 -> 93.5%, canvas 95.0 -> 98.5%, JPEG 94.5 -> 95.5%, PNG 94.5 -> 96.0%, touching 86.0 -> 86.0%;
-# 0.75 and 1.0 were no better (canvas 97.5% at 1.0), and reading every digit so (touching ones too) cost
-# touching numbers 5.5 points at 0.5.
+# share; and each line is also read squeezed and stretched by these factors, the reading the reader (with the
+# CNN's check) is surest of kept (the product of its characters' probabilities): a gap or a digit width at the
+# edge of what it learned at one width is an everyday one at another. Both chosen on pictures of numbers made
+# from the validation digits (docs/numbers.md#the-choices-made-on-validation).
 CNN_WEIGHT = 0.5
+STRETCHES = (1.0, 0.8, 1.25)
 
 
 # ---- the network --------------------------------------------------------------------------------------
@@ -53,8 +53,10 @@ class LineReader(nn.Module):
         super().__init__()
         layers, last = [], 1
         for n, width in enumerate(widths):  # height 32 -> 16 -> 8 -> 4 -> 2; width / 2 twice
-            layers += [nn.Conv2d(last, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-                       nn.MaxPool2d(2 if n < 2 else (2, 1))]
+            # The first block strides instead of pooling: at full size a 16-channel layer's batch norm, ReLU and
+            # pooling were a quarter of a training step, for no better reading (docs/numbers.md).
+            conv = nn.Conv2d(last, width, 3, stride=2 if n == 0 else 1, padding=1, bias=False)
+            layers += [conv, nn.BatchNorm2d(width), nn.ReLU()] + ([nn.MaxPool2d(2 if n < 2 else (2, 1))] if n else [])
             last = width
         self.features = nn.Sequential(*layers)
         self.rnn = nn.GRU(2 * last, hidden, batch_first=True, bidirectional=True)
@@ -91,16 +93,17 @@ def load_reader(path=DEFAULT_PATH):
 
 # ---- a line: normalising, and synthetic lines to learn from -------------------------------------------
 
-def normalise_line(cover):
+def normalise_line(cover, stretch=1.0):
     """Ink cover (h, w) in [0, 1] -> (line (HEIGHT, W) float32, scale, y0, x0), or None without ink: the line
-    cropped to its ink, scaled so that the ink is INK_HEIGHT rows tall, padded, its contrast stretched (a thin
-    pen, reduced, is faint). Line column c lies over cover column x0 + (c - PAD) / scale."""
+    cropped to its ink, scaled so that the ink is INK_HEIGHT rows tall (and its width by `stretch` more), padded,
+    its contrast stretched (a thin pen, reduced, is faint). Line column c lies over cover column
+    x0 + (c - PAD) / scale."""
     rows, cols = np.flatnonzero(cover.max(1) > INK), np.flatnonzero(cover.max(0) > INK)
     if not rows.size:
         return None
     y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     scale = INK_HEIGHT / (y1 - y0)
-    width = int(np.clip(round((x1 - x0) * scale), 1, MAX_WIDTH))
+    width = int(np.clip(round((x1 - x0) * scale * stretch), 1, MAX_WIDTH))
     resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR  # reducing: average the area
     crop = Image.fromarray(np.ascontiguousarray(cover[y0:y1, x0:x1], np.float32), "F")
     small = np.asarray(crop.resize((width, INK_HEIGHT), resample), np.float32)
@@ -310,15 +313,36 @@ def count_paths(logp, most):
     return result
 
 
-def read_number(source, model, digits=None, classify=None, weight=CNN_WEIGHT):
+def read_number(source, model, digits=None, classify=None, weight=CNN_WEIGHT, stretches=STRETCHES):
     """A picture of a number (or several, one per line) -> preprocess.NumberReading, lines top to bottom, each
     character with its probability and its box in the picture's own pixels. digits: the number of digits of
     all lines together (count-constrained decoding; when no path reaches it, the nearest count). classify (the
     seam for the digit CNN): pixels (N, 28, 28) in [0, 1] -> (N, 10) probabilities; a digit that stands apart
-    (blank columns on both sides) is then read by both, mixed with the CNN's share `weight`. Raises as
+    (blank columns on both sides) is then read by both, mixed with the CNN's share `weight`. stretches: the
+    picture is read with its lines at each of these widths and the surest reading kept. Raises as
     preprocess.number_lines."""
     found = preprocess.number_lines(source)
-    lines = [(cover, top, left, got) for cover, top, left in found.lines if (got := normalise_line(cover))]
+    readings = [_read_at(found, model, digits, classify, weight, stretch) for stretch in stretches]
+    reading = max(readings, key=lambda lines: (any(lines), _sureness(lines)))
+    for line in reading:
+        for d in line:
+            d.box = found.picture_box(d.box)
+    if not any(reading):
+        raise preprocess.NoDigitError("no digits found (ink, but nothing the reader reads as a digit)")
+    if sum(len(r) for r in reading) > preprocess.MAX_DIGITS:
+        raise preprocess.TooManyDigitsError(f"more than {preprocess.MAX_DIGITS} digits: not a number, or a page of text")
+    return preprocess.NumberReading([r for r in reading if r], found.size)
+
+
+def _sureness(lines):
+    """How sure the reader is of a reading: the product of its characters' probabilities."""
+    return float(np.prod([d.probability for line in lines for d in line]))
+
+
+def _read_at(found, model, digits, classify, weight, stretch):
+    """The lines of preprocess.number_lines' `found`, read with their width stretched so: [[ReadDigit]] per
+    line, boxes in found's cover pixels."""
+    lines = [(cover, top, left, got) for cover, top, left in found.lines if (got := normalise_line(cover, stretch))]
     if not lines:
         raise preprocess.NoDigitError("no digits found")
     with torch.inference_mode():  # one line at a time: no padding, and lines differ a lot in width
@@ -337,14 +361,7 @@ def read_number(source, model, digits=None, classify=None, weight=CNN_WEIGHT):
             mixed = np.exp((1 - weight) * np.log(own + 1e-12) + weight * np.log(theirs + 1e-12))
             mixed /= mixed.sum()
             d.digit, d.probability = str(int(mixed.argmax())), float(mixed.max())
-    for line in reading:
-        for d in line:
-            d.box = found.picture_box(d.box)
-    if not any(reading):
-        raise preprocess.NoDigitError("no digits found (ink, but nothing the reader reads as a digit)")
-    if sum(len(r) for r in reading) > preprocess.MAX_DIGITS:
-        raise preprocess.TooManyDigitsError(f"more than {preprocess.MAX_DIGITS} digits: not a number, or a page of text")
-    return preprocess.NumberReading([r for r in reading if r], found.size)
+    return reading
 
 
 def _stands_apart(cover, c0, c1):

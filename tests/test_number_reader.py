@@ -48,6 +48,11 @@ def test_a_line_is_normalised_to_the_reader_height_with_its_ink_inside():
     assert rows[0] >= (nr.HEIGHT - nr.INK_HEIGHT) // 2 - 1 and rows[-1] - rows[0] + 1 <= nr.INK_HEIGHT
     assert np.isclose(scale, nr.INK_HEIGHT / 120, rtol=0.05) and line.max() == 1.0
     assert nr.normalise_line(np.zeros((20, 20), np.float32)) is None
+    wide, wide_scale, _, _ = nr.normalise_line(cover, stretch=1.25)  # read wider: the grey block still maps back
+    assert wide.shape[0] == nr.HEIGHT and wide.shape[1] - 2 * nr.PAD == round(240 * scale * 1.25)
+    block = np.flatnonzero(wide.max(0) > 0.3)
+    block = block[block > nr.PAD + 20 * wide_scale]
+    assert abs(x0 + (block[0] - nr.PAD) / wide_scale - 200) <= 2 and abs(x0 + (block[-1] + 1 - nr.PAD) / wide_scale - 290) <= 2
 
 
 def test_synthetic_lines_hold_their_text_and_never_the_test_digits():
@@ -77,6 +82,11 @@ def test_a_file_that_is_not_a_reader_is_refused_in_one_line(tmp_path):
     torch.save({"format": "mnist-cnn/1", "state_dict": {}}, tmp_path / "cnn.pth")
     with pytest.raises(CheckpointError, match="not a number reader"):
         nr.load_reader(tmp_path / "cnn.pth")
+    old = {"format": "mnist-line-reader/1", "model_args": {"widths": [16, 32, 64, 96], "hidden": 64},
+           "alphabet": nr.ALPHABET, "state_dict": nr.LineReader().state_dict()}  # pooled where /2 strides
+    torch.save(old, tmp_path / "old.pth")
+    with pytest.raises(CheckpointError, match="not a number reader"):
+        nr.load_reader(tmp_path / "old.pth")
     with pytest.raises(CheckpointError, match="no number reader there"):
         nr.load_reader(tmp_path / "missing.pth")
     good = nr.load_reader()  # the shipped one

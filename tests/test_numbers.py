@@ -198,6 +198,23 @@ def test_json_has_number_confidence_digits_and_boxes(mnist_test, tmp_path, capsy
     assert 0 <= a0 < a1 <= b0 < b1 <= w and 0 <= ay0 < ay1 <= h and 0 <= by0 < by1 <= h
 
 
+def test_the_surest_of_the_widths_read_is_kept_with_boxes_on_its_digits(mnist_test, tmp_path):
+    """read_number reads the line at several widths (number_reader.STRETCHES) and keeps its surest reading; the
+    boxes of that reading, stretched or not, lie on the digits' ink in the picture."""
+    import number_reader as nr
+    cover = strip(mnist_test, [first_of(mnist_test, d) for d in (4, 1, 7)], [0.02, 0.4])
+    path = on_paper(cover, tmp_path / "417.png")
+    reader = nr.load_reader()
+    each = [nr.read_number(path, reader, stretches=(s,)) for s in nr.STRETCHES]
+    kept = nr.read_number(path, reader)
+    assert len(nr.STRETCHES) > 1 and kept.number == "417"
+    assert kept.confidence == max(r.confidence for r in each)
+    dark = np.asarray(Image.open(path).convert("L")) < 100
+    boxes = [d.box for d in kept.lines[0]]
+    assert all(dark[y0:y1, x0:x1].sum() > 20 for x0, y0, x1, y1 in boxes)
+    assert boxes[0][0] < boxes[1][0] < boxes[2][0] and boxes[1][2] <= boxes[2][0]  # the 1 ends before the 7
+
+
 def test_annotated_picture_is_written(mnist_test, tmp_path, capsys):
     indices = [first_of(mnist_test, d) for d in (5, 9)]
     path = on_paper(strip(mnist_test, indices, [0.5]), tmp_path / "59.png")

@@ -54,7 +54,7 @@ class LineReader(nn.Module):
         layers, last = [], 1
         for n, width in enumerate(widths):  # height 32 -> 16 -> 8 -> 4 -> 2; width / 2 twice
             # The first block strides instead of pooling: at full size a 16-channel layer's batch norm, ReLU and
-            # pooling were a quarter of a training step, for no better reading (docs/numbers.md).
+            # pooling were a quarter of a training step, and the pooled block read no better (docs/numbers.md).
             conv = nn.Conv2d(last, width, 3, stride=2 if n == 0 else 1, padding=1, bias=False)
             layers += [conv, nn.BatchNorm2d(width), nn.ReLU()] + ([nn.MaxPool2d(2 if n < 2 else (2, 1))] if n else [])
             last = width
@@ -76,6 +76,9 @@ def load_reader(path=DEFAULT_PATH):
         raise CheckpointError(f"{path}: no number reader there (train one with `python number_reader.py`, or "
                               f"restore the shipped one with `git checkout -- pretrained/number_reader.pth`)")
     ckpt = _load(path)
+    if isinstance(ckpt, dict) and str(ckpt.get("format")).startswith("mnist-line-reader/") and ckpt["format"] != FORMAT:
+        raise _refuse(path, f"it is a number reader of another layout ({ckpt['format']}, this code reads {FORMAT}): "
+                            f"train one with `python number_reader.py`")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise _refuse(path, f"it is not a number reader (format {FORMAT})")
     args = ckpt.get("model_args", {})

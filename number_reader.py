@@ -278,31 +278,24 @@ def count_paths(logp, most):
     a repeated class needs a blank between) that emits exactly k digits ('.' and '-' are not counted)."""
     T, C = logp.shape
     counts = np.array([0] + [int(ch.isdigit()) for ch in ALPHABET])
+    ks, cs = np.arange(most + 1), np.arange(C)
     score = np.full((most + 1, C), -np.inf)
     score[0, 0] = logp[0, 0]
-    score[counts, np.arange(C)] = np.maximum(score[counts, np.arange(C)], logp[0])
+    score[counts, cs] = np.maximum(score[counts, cs], logp[0])
     back = np.zeros((T, most + 1, C, 2), np.int32)  # (previous count, previous class)
-    ks = np.arange(most + 1)
+    src = ks[:, None] - counts[None, :]              # the count a class c at count k comes from
+    ok = src >= 0
+    src = np.maximum(src, 0)
     for t in range(1, T):
-        new = np.full_like(score, -np.inf)
-        best_prev = score.argmax(1)
-        new[:, 0] = score[ks, best_prev] + logp[t, 0]
-        back[t, :, 0] = np.stack([ks, best_prev], 1)
-        for c in range(1, C):
-            stay = score[:, c]
-            others = score.copy()
-            others[:, c] = -np.inf
-            src = ks - counts[c]
-            ok = src >= 0
-            moved = np.full(most + 1, -np.inf)
-            arg = np.zeros(most + 1, int)
-            arg[ok] = others[src[ok]].argmax(1)
-            moved[ok] = others[src[ok], arg[ok]]
-            take_stay = stay >= moved
-            new[:, c] = np.where(take_stay, stay, moved) + logp[t, c]
-            back[t, :, c, 0] = np.where(take_stay, ks, src)
-            back[t, :, c, 1] = np.where(take_stay, c, arg)
-        score = new
+        # Into class c either stay in c, or come from the best other class at count k - counts[c]: the best of
+        # a row, or its second best where the best is c itself (one pass over all classes at once).
+        top2 = np.argsort(-score, axis=1, kind="stable")[:, :2]
+        other = np.where(top2[src, 0] == cs, top2[src, 1], top2[src, 0])
+        moved = np.where(ok, score[src, other], -np.inf)
+        stay = score >= moved
+        score = np.where(stay, score, moved) + logp[t]
+        back[t, :, :, 0] = np.where(stay, ks[:, None], src)
+        back[t, :, :, 1] = np.where(stay, cs, other)
     result = {}
     for k in range(most + 1):
         c = int(score[k].argmax())

@@ -1,5 +1,7 @@
 """number_reader.py: the decoding a user's --digits relies on, the lines it learns from, its training command and
 the refusal of files that are not a reader. Reading real pictures through predict.py: tests/test_numbers.py."""
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -31,6 +33,26 @@ def test_digits_n_gives_exactly_n_digits_and_the_best_path_when_it_already_has_n
     assert one in ("3", "5")
     dotted = frames(0, 4, 0, 11, 0, 6, 0)  # "3.5": the point is not a digit
     assert "".join(e.char for e in nr.decode([dotted], digits=2)[0]) == "3.5"
+
+
+def test_count_paths_finds_the_best_path_for_each_count_as_trying_every_path_does():
+    """The Viterbi search over frames and counts against all 13**4 paths of a 4-frame line, one where a 7 is
+    likely everywhere (two 7s need a blank between them) and one at random."""
+    x = np.random.default_rng(3).normal(0, 2, (2, 4, len(nr.ALPHABET) + 1))
+    x[0, :, 1 + 7] += 5
+    for logp in x - np.log(np.exp(x).sum(2, keepdims=True)):
+        check_count_paths(logp)
+
+
+def check_count_paths(logp):
+    best = {}
+    for path in itertools.product(range(logp.shape[1]), repeat=4):
+        emitted = [c for t, c in enumerate(path) if c and (t == 0 or path[t - 1] != c)]
+        k = sum(nr.ALPHABET[c - 1].isdigit() for c in emitted)
+        best[k] = max(best.get(k, -np.inf), logp[np.arange(4), path].sum())
+    found = nr.count_paths(logp, 3)
+    assert sorted(found) == [k for k in sorted(best) if k <= 3]
+    assert all(np.isclose(found[k][0], best[k]) and np.isclose(logp[np.arange(4), found[k][1]].sum(), best[k]) for k in found)
 
 
 def test_digits_over_lines_add_up_to_n():

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 import data_loader
+import number_reader as nr
 import preprocess
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -201,7 +202,6 @@ def test_json_has_number_confidence_digits_and_boxes(mnist_test, tmp_path, capsy
 def test_the_surest_of_the_widths_read_is_kept_with_boxes_on_its_digits(mnist_test, tmp_path):
     """read_number reads the line at several widths (number_reader.STRETCHES) and keeps its surest reading; the
     boxes of that reading, stretched or not, lie on the digits' ink in the picture."""
-    import number_reader as nr
     cover = strip(mnist_test, [first_of(mnist_test, d) for d in (4, 1, 7)], [0.02, 0.4])
     path = on_paper(cover, tmp_path / "417.png")
     reader = nr.load_reader()

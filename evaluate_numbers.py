@@ -20,7 +20,7 @@ from scipy import ndimage
 
 import number_reader
 import preprocess
-from checkpoint import CheckpointError, load_checkpoint, model_path_or_default
+from checkpoint import CheckpointError, as_classifier, load_checkpoint, model_path_or_default
 from common import OneLineParser, at_least, fail, first_line
 
 PROG = "evaluate_numbers.py"
@@ -51,15 +51,6 @@ def parse_args():
 def truth_of(path):
     """`0007_2026.png` -> "2026"; `-` in the name stands for a line break."""
     return Path(path).stem.rsplit("_", 1)[-1].replace("-", "\n")
-
-
-def make_classifier(model, mean, std):
-    """pixels (N, 28, 28) in [0, 1] -> (N, 10) probabilities, one forward pass."""
-    def classify(pixels):
-        x = (torch.from_numpy(np.ascontiguousarray(pixels, np.float32)) - mean) / std
-        with torch.inference_mode():
-            return model(x.unsqueeze(1)).float().softmax(1).numpy()
-    return classify
 
 
 def _otsu(values):
@@ -101,7 +92,7 @@ def plain_recipe(source, classify):
 
 def read(path, recipe, reader, classify, digits=None):
     """The number string a recipe reads in one picture ("" when it finds nothing): the number reader with the
-    digit classifier (make_classifier) as its check, or the plain recipe with the classifier alone."""
+    digit classifier (checkpoint.as_classifier) as its check, or the plain recipe with the classifier alone."""
     if recipe == "plain":
         return plain_recipe(path, classify)
     try:
@@ -160,7 +151,7 @@ def main(argv=None):
         if args.recipe == "plain" or not args.reader_only:
             model_path = model_path_or_default(args.model_path)
             cnn, ckpt = load_checkpoint(model_path)
-            classify = make_classifier(cnn, ckpt["normalization"]["mean"], ckpt["normalization"]["std"])
+            classify = as_classifier(cnn, ckpt["normalization"])
     except (CheckpointError, OSError) as err:
         fail(PROG, first_line(err), 2)
     torch.set_grad_enabled(False)

@@ -25,7 +25,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 import number_reader
-from checkpoint import CheckpointError, as_classifier, load_checkpoint, model_path_or_default
+from checkpoint import CheckpointError, load_checkpoint, model_path_or_default
 from common import PROJECT_DIR, OneLineParser, fail
 from preprocess import ImageError, NoDigitError, SeveralDigitsError, image_to_mnist, mnist_to_image
 
@@ -88,9 +88,9 @@ class Predictor:
                            for line in reading.lines for d in line]}
 
     def classify(self, pixels):
-        """read_number's digit CNN (checkpoint.as_classifier), one forward pass at a time."""
+        """read_number's digit CNN (number_reader.cnn_check), one forward pass at a time."""
         with self.lock:
-            return as_classifier(self.model, self.ckpt["normalization"], self.device)(pixels)
+            return number_reader.cnn_check(self.model, self.ckpt["normalization"], self.device)(pixels)
 
     def open(self, body):
         """Picture bytes -> an opened (not yet decoded) PIL image, refused early when it has too many pixels."""

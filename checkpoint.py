@@ -219,16 +219,6 @@ def load_checkpoint(path, device="cpu", expected_model=None):
     return model.to(device).eval(), ckpt
 
 
-def as_classifier(model, normalization, device="cpu"):
-    """A loaded model as the function number_reader.read_number checks digits with: pixels (N, 28, 28) in [0, 1]
-    -> (N, 10) probabilities as a numpy array, one forward pass."""
-    def classify(pixels):
-        x = (torch.as_tensor(pixels, dtype=torch.float32) - normalization["mean"]) / normalization["std"]
-        with torch.inference_mode():
-            return model(x.unsqueeze(1).to(device)).float().softmax(1).cpu().numpy()
-    return classify
-
-
 # ---------------------------------------------------------------------------------------------- which file
 
 def default_model_path():

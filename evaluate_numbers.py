@@ -20,7 +20,7 @@ from scipy import ndimage
 
 import number_reader
 import preprocess
-from checkpoint import CheckpointError, as_classifier, load_checkpoint, model_path_or_default
+from checkpoint import CheckpointError, load_checkpoint, model_path_or_default
 from common import OneLineParser, at_least, fail, first_line
 
 PROG = "evaluate_numbers.py"
@@ -92,7 +92,7 @@ def plain_recipe(source, classify):
 
 def read(path, recipe, reader, classify, digits=None):
     """The number string a recipe reads in one picture ("" when it finds nothing): the number reader with the
-    digit classifier (checkpoint.as_classifier) as its check, or the plain recipe with the classifier alone."""
+    digit classifier (number_reader.cnn_check) as its check, or the plain recipe with the classifier alone."""
     if recipe == "plain":
         return plain_recipe(path, classify)
     try:
@@ -151,7 +151,7 @@ def main(argv=None):
         if args.recipe == "plain" or not args.reader_only:
             model_path = model_path_or_default(args.model_path)
             cnn, ckpt = load_checkpoint(model_path)
-            classify = as_classifier(cnn, ckpt["normalization"])
+            classify = number_reader.cnn_check(cnn, ckpt["normalization"])
     except (CheckpointError, OSError) as err:
         fail(PROG, first_line(err), 2)
     torch.set_grad_enabled(False)

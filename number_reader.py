@@ -360,6 +360,16 @@ def _read_at(found, model, digits, classify, weight, stretch):
     return reading
 
 
+def cnn_check(model, normalization, device="cpu"):
+    """A digit CNN (checkpoint.load_checkpoint's model and normalisation) as read_number's `classify`: pixels
+    (N, 28, 28) in [0, 1] -> (N, 10) probabilities as a numpy array, one forward pass."""
+    def classify(pixels):
+        x = (torch.as_tensor(pixels, dtype=torch.float32) - normalization["mean"]) / normalization["std"]
+        with torch.inference_mode():
+            return model(x.unsqueeze(1).to(device)).float().softmax(1).cpu().numpy()
+    return classify
+
+
 def _stands_apart(cover, c0, c1):
     """No ink in the column just left of a digit's box nor just right of it: a digit the CNN can read alone."""
     return all(c < 0 or c >= cover.shape[1] or not (cover[:, c] > INK).any() for c in (c0 - 1, c1))

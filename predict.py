@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 import preprocess
-from checkpoint import CheckpointError, as_classifier, check_model_type, load_checkpoint, model_path_or_default
+from checkpoint import CheckpointError, check_model_type, load_checkpoint, model_path_or_default
 from cnn_pytorch import MODELS
 from common import PROJECT_DIR, OneLineParser, at_least, atomic_write, fail, first_line, shown_path
 from onnx_model import load_onnx_model
@@ -216,7 +216,7 @@ def read_numbers(inputs, model, device, norm, args):
     the digit CNN (model), and print it; returns how many pictures failed."""
     import number_reader
 
-    classify = as_classifier(model, norm, device)
+    classify = number_reader.cnn_check(model, norm, device)
     used, failed = set(), 0
     for path, error in inputs:
         reading = None

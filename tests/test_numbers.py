@@ -273,13 +273,13 @@ def test_string_accuracy_on_a_small_generated_set(kind, mnist_test, tmp_path):
     canvas, long and touching right; the floors leave room for 1-2 more misreads (on the 400-picture test set it
     reads 90-97% of these kinds, docs/numbers.md)."""
     import evaluate_numbers
-    from checkpoint import as_classifier, load_checkpoint
+    from checkpoint import load_checkpoint
     # the same 80 pictures for every kind's test (one random stream); this test reads its own kind's 20
     mk.make_number_set(tmp_path / "all", mnist_test[0], mnist_test[1], tuple(SMALL_SET_FLOORS), per_kind=20, seed=7)
     (tmp_path / "one").mkdir()
     (tmp_path / "all" / kind).rename(tmp_path / "one" / kind)
     model, ckpt = load_checkpoint(PRETRAINED)
-    classify = as_classifier(model, ckpt["normalization"])
+    classify = nr.cnn_check(model, ckpt["normalization"])
     table = evaluate_numbers.score(tmp_path / "one", "reader", nr.load_reader(), classify)
     assert list(table) == [kind] and table[kind]["n"] == 20
     assert table[kind]["string_accuracy"] >= SMALL_SET_FLOORS[kind], table[kind]

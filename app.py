@@ -59,6 +59,7 @@ class Predictor:
         self.device, self.path = device, Path(model_path)
         self.mean, self.std = self.ckpt["normalization"]["mean"], self.ckpt["normalization"]["std"]
         self.reader = number_reader.load_reader()  # the shipped number reader, on the CPU (a line is small)
+        self.cnn = number_reader.cnn_check(self.model, self.ckpt["normalization"], device)
         self.lock = threading.Lock()  # pictures are prepared in parallel; the forward pass goes one at a time
 
     def info(self):
@@ -90,7 +91,7 @@ class Predictor:
     def classify(self, pixels):
         """read_number's digit CNN (number_reader.cnn_check), one forward pass at a time."""
         with self.lock:
-            return number_reader.cnn_check(self.model, self.ckpt["normalization"], self.device)(pixels)
+            return self.cnn(pixels)
 
     def open(self, body):
         """Picture bytes -> an opened (not yet decoded) PIL image, refused early when it has too many pixels."""

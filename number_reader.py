@@ -42,6 +42,7 @@ INK = 0.2                  # cover above this is ink, for cropping a line and a 
 # from the validation digits (docs/numbers.md#the-choices-made-on-validation).
 CNN_WEIGHT = 0.5
 STRETCHES = (1.0, 0.8, 1.25)
+WIDTHS, HIDDEN = (16, 32, 64, 96), 64  # the conv blocks' channels and the GRU's size (LineReader)
 
 
 # ---- the network --------------------------------------------------------------------------------------
@@ -49,7 +50,7 @@ STRETCHES = (1.0, 0.8, 1.25)
 class LineReader(nn.Module):
     """(N, 1, HEIGHT, W) ink in [0, 1] -> (N, W // STRIDE, classes) log-probabilities, one frame per 4 columns."""
 
-    def __init__(self, widths=(16, 32, 64, 96), hidden=64, classes=len(ALPHABET) + 1):
+    def __init__(self, widths=WIDTHS, hidden=HIDDEN, classes=len(ALPHABET) + 1):
         super().__init__()
         layers, last = [], 1
         for n, width in enumerate(widths):  # height 32 -> 16 -> 8 -> 4 -> 2; width / 2 twice
@@ -480,7 +481,7 @@ def main(argv=None):
     val_x, val_y = digit_pools("val")
     rng = np.random.default_rng(10_000 + args.seed)  # the validation lines: the same for every run of a seed
     val = [make_batch(val_x, val_y, rng, 64) for _ in range(args.val_lines // 64)]
-    model = LineReader().to(memory_format=torch.channels_last)  # 20% faster convolutions on the CPU
+    model = LineReader(WIDTHS, HIDDEN).to(memory_format=torch.channels_last)  # 20% faster convolutions on the CPU
     print(f"number reader: {sum(p.numel() for p in model.parameters()):,} parameters; {len(train_x):,} training "
           f"digits, {len(val) * 64} validation lines; {args.steps} steps of {args.batch_size} lines", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=1e-4)
@@ -504,7 +505,7 @@ def main(argv=None):
             kept = acc > best
             if kept:
                 best = acc
-                atomic_save({"format": FORMAT, "model_args": {"widths": [16, 32, 64, 96], "hidden": 64},
+                atomic_save({"format": FORMAT, "model_args": {"widths": list(WIDTHS), "hidden": HIDDEN},
                              "alphabet": ALPHABET, "state_dict": model.state_dict(), "step": step,
                              "val_string_accuracy": acc, "torch_version": str(torch.__version__)}, out)
             print(f"step {step}: loss {running:.3f}, validation lines read whole {acc:.2%}"

@@ -22,11 +22,14 @@ def gaussian_blur(x, size, sigma):
 # "writers" is the standard warp plus how other people's pens and pictures differ from MNIST's: strokes made
 # thicker or thinner (a grey dilation or erosion, random_strokes) and softened by a blur (an upscaled or
 # photographed digit); a level of its own, so the figures of the other two levels stay what they were.
+# "scans" is the standard warp with a share of the digits shown as a coarse scan (coarse_scans), the way the
+# low-resolution pictures of other writers look (an 8x8 grid of ink counts, blown up).
 AUGMENTATIONS = {
     "standard": {"degrees": 10.0, "translate": 0.1, "scale": (0.9, 1.1)},
     "strong": {"degrees": 12.0, "translate": 0.1, "scale": (0.9, 1.1), "elastic": 34.0, "elastic_sigma": 6.0},
     "writers": {"degrees": 10.0, "translate": 0.1, "scale": (0.9, 1.1), "thicker": 1.0, "thinner": 0.5,
                 "blur": 1.0},
+    "scans": {"degrees": 10.0, "translate": 0.1, "scale": (0.9, 1.1), "coarse": 0.1},
 }
 
 
@@ -50,11 +53,31 @@ def random_strokes(x, thicker=1.0, thinner=0.5, blur=1.0, generator=None):
     return torch.lerp(x, gaussian_blur(x, 3, 1.0), b)
 
 
-def augment_batch(x, thicker=0.0, thinner=0.0, blur=0.0, generator=None, **affine):
-    """One level of AUGMENTATIONS on a float batch in [0, 1]: random_strokes where the level has them, then
-    random_affine. The levels without strokes draw exactly the random numbers they always drew."""
+def coarse_scans(x, share, generator=None):
+    """A share of a float batch (N, 1, 28, 28) shown as a coarse scan, each image drawn in or out on its own.
+
+    The UCI optical digits were made so (Alpaydin and Kaynak): a 32x32 bitmap, its ink counted in 4x4 blocks to
+    an 8x8 grid of 0-16; a user's picture of one is that grid blown up and soft. Here: the ink thresholded, its
+    cover averaged over a 10x10 grid (MNIST's 20-pixel box then spans about 7 cells, as the digit spans 7 of
+    the 8 there), rounded to the 17 counts, blown up again, bicubic. torch.where, not a Python branch, picks
+    the images: one batched pass with nothing read back, as a captured CUDA graph needs.
+    """
+    grid = F.adaptive_avg_pool2d((x > 0.5).to(x.dtype), 10)
+    scan = F.interpolate(torch.round(grid * 16) / 16, size=x.shape[-2:], mode="bicubic", align_corners=False)
+    # As preprocess reads such a picture: the faintest blur taken for paper, the ink stretched to full strength.
+    top = 0.8 * scan.amax((2, 3), keepdim=True)
+    scan = (scan - 0.15) / (top - 0.15).clamp_min(0.1)
+    pick = torch.rand(x.shape[0], 1, 1, 1, device=x.device, generator=generator, dtype=x.dtype) < share
+    return torch.where(pick, scan.clamp(0, 1), x)
+
+
+def augment_batch(x, thicker=0.0, thinner=0.0, blur=0.0, coarse=0.0, generator=None, **affine):
+    """One level of AUGMENTATIONS on a float batch in [0, 1]: random_strokes or coarse_scans where the level has
+    them, then random_affine. The levels without them draw exactly the random numbers they always drew."""
     if thicker or thinner or blur:
         x = random_strokes(x, thicker, thinner, blur, generator=generator)
+    if coarse:
+        x = coarse_scans(x, coarse, generator=generator)
     return random_affine(x, **affine, generator=generator)
 
 

@@ -248,3 +248,25 @@ def test_the_levels_without_strokes_draw_what_they_always_drew(digits):
         b = augment.random_affine(x, **augment.AUGMENTATIONS[level],
                                       generator=torch.Generator().manual_seed(3))
         assert torch.equal(a, b)
+
+
+def test_a_coarse_scan_looks_like_a_low_resolution_picture_read_by_preprocess(digits):
+    """coarse_scans stands in, in training, for a picture of an 8x8 grid of ink counts blown up (as the UCI digits
+    are shown): on real MNIST digits its edges are as soft as those of such a picture read by preprocess
+    (score_writers' coarse_scan, its validation stand-in), far softer than the digit's own, and it lies nearer
+    to that picture than the digit does. Share 0 leaves a batch as it was, blank stays blank."""
+    from make_user_images import grid_picture
+    from score_writers import as_read, coarse_scan
+    _, x = digits
+    read = torch.stack([as_read(grid_picture(coarse_scan((d[0] * 255).round().byte().numpy()))) for d in x])
+    scanned = augment.coarse_scans(x, 1.0)[:, 0]
+
+    def edge_per_ink(t):
+        return ((t.diff(dim=1).abs().sum((1, 2)) + t.diff(dim=2).abs().sum((1, 2))) / t.sum((1, 2))).mean()
+
+    assert abs(edge_per_ink(scanned) / edge_per_ink(read) - 1) < 0.15 < 1 - edge_per_ink(read) / edge_per_ink(x[:, 0])
+    assert (scanned - read).abs().mean() < 0.9 * (x[:, 0] - read).abs().mean()
+    assert torch.equal(augment.coarse_scans(x, 0.0), x)
+    assert augment.coarse_scans(torch.zeros(2, 1, 28, 28), 1.0).abs().max() == 0
+    some = augment.coarse_scans(x.repeat(4, 1, 1, 1), 0.5, generator=torch.Generator().manual_seed(0))
+    assert 16 <= (some != x.repeat(4, 1, 1, 1)).flatten(1).any(1).sum() <= 48  # about half, each drawn alone
